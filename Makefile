@@ -1,0 +1,33 @@
+# `make demo` sets everything up and trains the demo; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU torch here; on a CUDA machine set TORCH_SPEC to the build matching your driver.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip setuptools wheel
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	# DeepSpeed ships only as a source package whose build imports torch: build it against ours.
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+demo: setup
+	WANDB_MODE=offline $(BIN)/orchestrator train experiment=demo
+
+# pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+bench: setup
+	$(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf $(VENV) outputs multirun

@@ -1,0 +1,100 @@
+"""`orchestrator <command>`: thin dispatch; `train` hands its arguments to Hydra."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+USAGE = """usage: orchestrator <command> [args]
+
+commands:
+  train [hydra overrides]   fine-tune an adapter (e.g. orchestrator train experiment=demo);
+                            --cfg job prints the composed config, -m runs a Hydra multirun
+"""
+
+HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--info"}
+
+_pending_problems: list[str] = []
+
+
+def _fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _train_task(cfg) -> None:
+    # Errors are reported here, not raised: Hydra would print them as tracebacks.
+    from orchestrator.config import ConfigError
+    from orchestrator.driver import RunFailed
+
+    try:
+        _train(cfg)
+    except ConfigError as e:
+        _fail(str(e), 2)
+    except (RunFailed, FileExistsError) as e:
+        _fail(str(e), 1)
+
+
+def _train(cfg) -> None:
+    from orchestrator import demo, driver
+    from orchestrator.config import ConfigError, resolve, validate
+
+    try:
+        run = resolve(cfg)
+    except ConfigError as e:
+        raise ConfigError(_pending_problems + e.problems) from None
+    if Path(run.model.path) == demo.demo_dir() / "tiny-llama":
+        demo.ensure_demo_assets()
+    try:
+        validate(run)
+    except ConfigError as e:
+        raise ConfigError(_pending_problems + e.problems) from None
+    if _pending_problems:
+        raise ConfigError(_pending_problems)
+    adapter = driver.train(run)
+    print(f"adapter written to {adapter}")
+
+
+def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """(plain overrides, Hydra's own flags and hydra.* overrides)."""
+    overrides, flags = [], []
+    it = iter(args)
+    for a in it:
+        if a.startswith("-"):
+            flags.append(a)
+            if a in HYDRA_FLAGS_WITH_VALUE and "=" not in a:
+                flags.append(next(it, ""))
+        elif a.startswith(("hydra.", "hydra/", "+hydra")):
+            flags.append(a)
+        else:
+            overrides.append(a)
+    return overrides, flags
+
+
+def train(args: list[str]) -> None:
+    import hydra
+
+    from orchestrator.config import CONF_DIR, ConfigError, check_group_overrides
+
+    overrides, flags = _split_args(args)
+    usable, problems = check_group_overrides(overrides)
+    _pending_problems[:] = problems
+    if problems and any(f in ("--cfg", "-c") for f in flags):
+        _fail(str(ConfigError(problems)))
+
+    task = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_train_task)
+    sys.argv = ["orchestrator-train", *usable, *flags]
+    task()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.getLogger("orchestrator").setLevel(logging.INFO)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        return train(rest)
+    _fail(f"unknown command {command!r}\n{USAGE}")

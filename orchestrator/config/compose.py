@@ -1,0 +1,114 @@
+"""Composition of conf/ into a RunConfig, shared by the CLI and the tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from orchestrator.config.schema import RunConfig
+from orchestrator.config.typed import ConfigError, to_typed
+
+CONF_DIR = Path(os.environ.get("ORCHESTRATOR_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))
+
+
+def _demo(kind: str) -> str:
+    from orchestrator import demo
+
+    paths = {"model": demo.demo_dir() / "tiny-llama", "alpaca": demo.DEMO_DATA, "chat": demo.DEMO_CHAT_DATA}
+    if kind not in paths:
+        raise ValueError(f"${{demo:{kind}}}: unknown demo asset; valid: {', '.join(paths)}")
+    return str(paths[kind])
+
+
+if not OmegaConf.has_resolver("demo"):
+    OmegaConf.register_new_resolver("demo", _demo)
+
+
+def group_options() -> dict[str, list[str]]:
+    return {
+        d.name: sorted(p.stem for p in d.glob("*.yaml"))
+        for d in sorted(CONF_DIR.iterdir())
+        if d.is_dir()
+    }
+
+
+def _unknown_field(dotted: str) -> str | None:
+    """Problem text if `dotted` names no field of the schema (Hydra would abort on it alone)."""
+    cls: type = RunConfig
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            where = ".".join(parts[:i] + [part])
+            return f"{where}: unknown field; valid fields: {', '.join(fields)}"
+        tp = typing.get_type_hints(cls)[part]
+        if not dataclasses.is_dataclass(tp):
+            return None  # a leaf (dict fields take any sub-key)
+        cls = tp
+    return None
+
+
+def check_group_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """Split overrides into (usable, problems) so that an unknown group option or field is
+    reported together with every other problem instead of aborting composition on its own."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    groups = group_options()
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    usable, problems = [], []
+    for text, ov in zip(overrides, parsed):
+        key = ov.key_or_group
+        if key not in groups and not ov.is_add() and not key.startswith("hydra"):
+            problem = _unknown_field(key)
+            if problem:
+                problems.append(problem)
+                continue
+        if key in groups and not ov.is_delete():
+            values = ov.value()
+            choices = values if isinstance(values, list) else [values]
+            if ov.is_sweep_override():
+                choices = list(ov.sweep_string_iterator())
+            bad = [c for c in choices if c is not None and str(c) not in groups[key]]
+            if bad:
+                problems.append(f"{key}={','.join(map(str, bad))}: no such option; valid: {', '.join(groups[key])}")
+                continue
+        usable.append(text)
+    return usable, problems
+
+
+def resolve(cfg: DictConfig) -> RunConfig:
+    """Resolve interpolations and convert to the typed schema (all type errors at once)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "config"
+        raise ConfigError([f"{key}: cannot be resolved ({e.msg if hasattr(e, 'msg') else e})"]) from None
+    data.pop("hydra", None)
+    data.pop("experiment", None)
+    return to_typed(data, RunConfig)
+
+
+def compose(overrides: list[str] | None = None) -> RunConfig:
+    """Compose conf/ with overrides outside a Hydra app (tests, library use).
+
+    `output_dir` must be given as an override, since Hydra's run directory exists only in an app.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    usable, problems = check_group_overrides(list(overrides or []))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=usable)
+    try:
+        run = resolve(cfg)
+    except ConfigError as e:
+        raise ConfigError(problems + e.problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return run

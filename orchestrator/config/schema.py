@@ -1,0 +1,183 @@
+"""Typed run configuration.
+
+The dataclasses are the schema of `conf/`: Hydra composes YAML into a plain dict, and
+`orchestrator.config.typed.to_typed` turns it into a `RunConfig`, collecting every type error
+and unknown key instead of stopping at the first. Each field's docstring is its documentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+Dtype = Literal["bf16", "fp16", "fp32"]
+
+
+@dataclass
+class ModelConfig:
+    path: str = "???"
+    """Local Hugging Face causal-LM directory (config.json, weights, tokenizer)."""
+    dtype: Dtype = "bf16"
+    """Dtype of the frozen base and of 4-bit compute. fp32 is meant for CPU runs and tests."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (non-reentrant, works with a frozen base)."""
+    trust_remote_code: bool = False
+    """Passed to from_pretrained; only for architectures that ship their own code."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to from_pretrained (sdpa, eager, flash_attention_2)."""
+
+
+@dataclass
+class QuantConfig:
+    kind: Literal["none", "nf4"] = "none"
+    """none: base in model.dtype. nf4: bitsandbytes 4-bit NormalFloat base (QLoRA)."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (saves ~0.4 bit/param)."""
+    storage_dtype: Optional[Dtype] = None
+    """Dtype the packed 4-bit weights are stored in. Must be a float type that FSDP/ZeRO can
+    flatten and equal to the dtype of the rest of the base; None means model.dtype."""
+
+
+@dataclass
+class AdapterConfig:
+    kind: Literal["lora", "dora", "rslora"] = "lora"
+    """lora; dora (weight-decomposed LoRA); rslora (alpha/sqrt(r) scaling)."""
+    r: int = 16
+    """Rank of the update matrices."""
+    alpha: float = 32.0
+    """Scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) for rslora)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: Union[str, list[str]] = "all-linear"
+    """Module names (or suffixes) to adapt, or 'all-linear' (every linear layer but the output head)."""
+    init_seed: int = 0
+    """Seed for adapter initialisation, so every worker starts from identical adapter weights."""
+
+
+@dataclass
+class StrategyConfig:
+    name: Literal["fsdp", "ddp", "single"] = "fsdp"
+    """fsdp: FSDP2 fully_shard per decoder layer + root (base sharded across workers).
+    ddp: base replicated on every worker. single: one process, the reference for tests."""
+    reshard_after_forward: bool = True
+    """FSDP: free gathered layers after forward (ZeRO-3-like); false keeps them (ZeRO-2-like)."""
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw"] = "paged_adamw_8bit"
+    """bitsandbytes optimizers (paged variants fall back to non-paged on CPU); adamw is torch's."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay on adapter weights."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_ratio: float = 0.03
+    """Fraction of total steps spent warming up linearly from 0."""
+    max_grad_norm: float = 1.0
+    """Clip the global adapter grad norm to this; 0 disables clipping (the norm is still logged)."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "???"
+    """JSONL file, one example per line."""
+    format: Literal["alpaca", "chat"] = "alpaca"
+    """alpaca: instruction/input/output. chat: a `messages` list rendered by the chat template."""
+    max_seq_len: int = 512
+    """Sequences are truncated to this many tokens; must fit the model's context."""
+    eval_fraction: float = 0.0
+    """Fraction of rows held out for evaluation (chosen deterministically from trainer.seed)."""
+    eval_path: Optional[str] = None
+    """Separate JSONL for evaluation; overrides eval_fraction."""
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = -1
+    """Optimizer steps to run; -1 means derive from epochs."""
+    epochs: int = 1
+    """Passes over the training rows, used when max_steps is -1."""
+    micro_batch_size: int = 4
+    """Sequences per worker per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step. Global batch = micro_batch_size * grad_accum * workers."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    seed: int = 42
+    """Seed for data order, eval split and dropout."""
+    log_every: int = 1
+    """Log metrics every N steps."""
+    save_every: int = 0
+    """Save an adapter checkpoint every N steps; 0 saves only the final adapter."""
+    eval_every: int = 0
+    """Evaluate every N steps; 0 evaluates only at the end (when there is an eval split)."""
+    keep_last: int = 0
+    """Keep only the newest N step checkpoints; 0 keeps all."""
+
+
+@dataclass
+class ClusterConfig:
+    kind: Literal["local"] = "local"
+    """Where the driver runs. local: an embedded Ray instance on this machine."""
+    num_workers: int = 2
+    """Ray Train workers, one per GPU (or CPU process)."""
+    use_gpu: bool = False
+    """One GPU per worker, NCCL backend; false runs on CPU with gloo."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved for each worker."""
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources per worker (e.g. {accelerator_type:H100: 0.001})."""
+    max_failures: int = 0
+    """Worker-group restarts Ray Train may attempt before the run fails."""
+    address: Optional[str] = None
+    """Ray address to connect to; None starts (or reuses) a local instance."""
+
+
+@dataclass
+class TrackingConfig:
+    backend: Literal["wandb", "none"] = "wandb"
+    """wandb: log to Weights & Biases from rank 0. none: metrics.jsonl only."""
+    project: str = "orchestrator"
+    """W&B project."""
+    entity: Optional[str] = None
+    """W&B entity (team or user)."""
+    name: Optional[str] = None
+    """W&B run name; None derives it from the output directory."""
+    group: Optional[str] = None
+    """W&B group, e.g. the sweep name."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    """offline writes the run locally (upload later with `wandb sync`)."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    output_dir: str = "???"
+    """Directory of this run: config, metrics, checkpoints, final adapter."""
+    name: Optional[str] = None
+    """Human-readable run name (used for W&B and Ray)."""
+
+    def global_batch(self) -> int:
+        t = self.trainer
+        return t.micro_batch_size * t.grad_accum * self.cluster.num_workers
+
+
+def as_dict(obj: Any) -> Any:
+    """Plain-dict view of a config (what travels to Ray workers and into config.yaml)."""
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(obj) if is_dataclass(obj) else obj

@@ -1,0 +1,156 @@
+"""Cross-field and environment checks that run before any Ray worker starts.
+
+Every check appends to one list so the user sees all problems in one message. Model-aware
+checks read the model's config.json and build the module tree on the meta device: no weights
+are loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from orchestrator.config.schema import RunConfig
+from orchestrator.config.typed import ConfigError
+
+
+def _static(run: RunConfig) -> list[str]:
+    p: list[str] = []
+    a, t, d, o, c = run.adapter, run.trainer, run.data, run.optim, run.cluster
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            p.append(msg)
+
+    need(a.r > 0, f"adapter.r: must be a positive integer, got {a.r}")
+    need(a.alpha > 0, f"adapter.alpha: must be positive, got {a.alpha}")
+    need(0 <= a.dropout < 1, f"adapter.dropout: must be in [0, 1), got {a.dropout}")
+    need(bool(a.target_modules), "adapter.target_modules: must name at least one module, or 'all-linear'")
+    need(t.micro_batch_size >= 1, f"trainer.micro_batch_size: must be >= 1, got {t.micro_batch_size}")
+    need(t.grad_accum >= 1, f"trainer.grad_accum: must be >= 1, got {t.grad_accum}")
+    need(t.lr > 0, f"trainer.lr: must be positive, got {t.lr}")
+    need(t.max_steps == -1 or t.max_steps >= 1, f"trainer.max_steps: must be -1 (use epochs) or >= 1, got {t.max_steps}")
+    need(t.epochs >= 1, f"trainer.epochs: must be >= 1, got {t.epochs}")
+    need(t.log_every >= 1, f"trainer.log_every: must be >= 1, got {t.log_every}")
+    for f in ("save_every", "eval_every", "keep_last"):
+        need(getattr(t, f) >= 0, f"trainer.{f}: must be >= 0, got {getattr(t, f)}")
+    need(d.max_seq_len >= 8, f"data.max_seq_len: must be >= 8, got {d.max_seq_len}")
+    need(0 <= d.eval_fraction < 1, f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
+    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas: must be two numbers in [0, 1), got {o.betas}")
+    need(o.eps > 0, f"optim.eps: must be positive, got {o.eps}")
+    need(0 <= o.warmup_ratio < 1, f"optim.warmup_ratio: must be in [0, 1), got {o.warmup_ratio}")
+    need(o.max_grad_norm >= 0, f"optim.max_grad_norm: must be >= 0 (0 disables clipping), got {o.max_grad_norm}")
+    need(o.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {o.weight_decay}")
+    need(c.num_workers >= 1, f"cluster.num_workers: must be >= 1, got {c.num_workers}")
+    need(c.cpus_per_worker > 0, f"cluster.cpus_per_worker: must be positive, got {c.cpus_per_worker}")
+    need(c.max_failures >= 0, f"cluster.max_failures: must be >= 0, got {c.max_failures}")
+    need(
+        run.strategy.name != "single" or c.num_workers == 1,
+        f"strategy=single runs one process but cluster.num_workers={c.num_workers}; "
+        "set cluster.num_workers=1, or use strategy=fsdp or strategy=ddp for several workers",
+    )
+    q = run.quant
+    if q.kind == "nf4" and q.storage_dtype not in (None, run.model.dtype) and run.strategy.name == "fsdp":
+        p.append(
+            f"quant.storage_dtype={q.storage_dtype} with model.dtype={run.model.dtype} under strategy=fsdp: "
+            "FSDP flattens each layer's parameters into one buffer of one dtype; set quant.storage_dtype=null "
+            "(same as model.dtype)"
+        )
+    if run.model.dtype == "fp16" and not c.use_gpu:
+        p.append("model.dtype=fp16: half precision is not supported for CPU training; use fp32 or bf16")
+    return p
+
+
+def _model(run: RunConfig) -> list[str]:
+    path = Path(run.model.path)
+    if not (path / "config.json").is_file():
+        return [f"model.path: {path} is not a Hugging Face model directory (no config.json)"]
+    from orchestrator.model import load_model_config, module_names
+    from orchestrator.adapters import unmatched_targets
+
+    p = []
+    try:
+        mcfg = load_model_config(run.model)
+    except Exception as e:  # noqa: BLE001 - any reason the config cannot load is reported as is
+        return [f"model.path: cannot read {path / 'config.json'}: {e}"]
+    ctx = getattr(mcfg, "max_position_embeddings", None)
+    if ctx and run.data.max_seq_len > ctx:
+        p.append(f"data.max_seq_len: {run.data.max_seq_len} exceeds the model's context of {ctx} tokens ({path})")
+    try:
+        names = module_names(mcfg, run.model)
+    except Exception as e:  # noqa: BLE001
+        return p + [f"model.path: {path} is not a causal language model transformers can build: {e}"]
+    bad = unmatched_targets(run.adapter.target_modules, names)
+    if bad:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, kind in names.items() if kind == "Linear"})
+        p.append(
+            f"adapter.target_modules: {', '.join(bad)} match no module of {mcfg.model_type}; "
+            f"linear modules there: {', '.join(linear)} (or use all-linear)"
+        )
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        p.append(f"model.path: {path} has no tokenizer files (tokenizer.json or tokenizer_config.json)")
+    return p
+
+
+def _data(run: RunConfig) -> list[str]:
+    from orchestrator.data.formats import DataError, read_rows
+
+    p = []
+    n_rows = None
+    for field, path in (("data.path", run.data.path), ("data.eval_path", run.data.eval_path)):
+        if path is None:
+            continue
+        try:
+            rows = read_rows(path, run.data.format)
+        except DataError as e:
+            p.extend(f"{field}: {x}" for x in e.problems)
+            continue
+        if field == "data.path":
+            n_rows = len(rows)
+    if n_rows is not None:
+        n_train = n_rows if run.data.eval_path else n_rows - int(n_rows * run.data.eval_fraction)
+        if n_train < run.global_batch():
+            p.append(
+                f"data.path: {n_train} training rows are fewer than one global batch of {run.global_batch()} "
+                "(micro_batch_size * grad_accum * num_workers); lower the batch or add data"
+            )
+    return p
+
+
+def _resources(run: RunConfig) -> list[str]:
+    c = run.cluster
+    if c.address is not None:
+        return []  # checked against the live cluster at submission
+    p = []
+    if c.use_gpu:
+        import torch
+
+        have = torch.cuda.device_count()
+        if have < c.num_workers:
+            p.append(f"cluster.num_workers={c.num_workers} with use_gpu=true, but this machine has {have} GPU(s)")
+    else:
+        cpus = os.cpu_count() or 1
+        if c.num_workers * c.cpus_per_worker > cpus:
+            p.append(
+                f"cluster.num_workers={c.num_workers} x cluster.cpus_per_worker={c.cpus_per_worker} needs "
+                f"{c.num_workers * c.cpus_per_worker:g} CPUs but this machine has {cpus}"
+            )
+    out = Path(run.output_dir)
+    probe = next((q for q in [out, *out.parents] if q.exists()), None)
+    if probe is None or not os.access(probe, os.W_OK):
+        p.append(f"output_dir: {out} cannot be created ({probe} is not writable)")
+    return p
+
+
+def validate(run: RunConfig, environment: bool = True) -> RunConfig:
+    """Raise ConfigError with every problem, or return the config unchanged.
+
+    environment=False skips checks that need the model, the data and the machine (used to
+    validate configs meant for another cluster).
+    """
+    problems = _static(run)
+    if environment:
+        problems += _model(run) + _data(run) + _resources(run)
+    if problems:
+        raise ConfigError(problems)
+    return run

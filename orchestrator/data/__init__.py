@@ -1,0 +1,7 @@
+"""Instruction data: row formats, tokenization with prompt masking, and the sharded sampler."""
+
+from orchestrator.data.formats import DataError, read_rows
+from orchestrator.data.sampler import GlobalBatchSampler
+from orchestrator.data.tokenize import IGNORE_INDEX, collate, encode_rows
+
+__all__ = ["IGNORE_INDEX", "DataError", "GlobalBatchSampler", "collate", "encode_rows", "read_rows"]

@@ -1,0 +1,119 @@
+"""The one place that loads (and quantizes) a base model, and fingerprints it.
+
+Nothing else calls from_pretrained on a model: tests, workers, merge and benchmarks all load
+through here so that every path sees the same dtype, quantization and device placement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+from orchestrator.config.schema import ModelConfig, QuantConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
+
+
+def load_model_config(model: ModelConfig):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+
+
+def module_names(model_config, model: ModelConfig) -> dict[str, str]:
+    """{module name: class name} of the architecture, built on the meta device (no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(model_config, trust_remote_code=model.trust_remote_code)
+    out = {n: type(mod).__name__ for n, mod in m.named_modules() if n}
+    output = m.get_output_embeddings()
+    for n, mod in m.named_modules():
+        if mod is output:
+            out[n] = "OutputHead"  # PEFT's all-linear skips the output layer; so do our checks
+    return out
+
+
+def bnb_config(model: ModelConfig, quant: QuantConfig):
+    from transformers import BitsAndBytesConfig
+
+    dtype = DTYPES[model.dtype]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        # A float storage dtype lets FSDP/ZeRO flatten and shard the packed weights with the rest
+        # of the layer; uint8 storage fails there or silently escapes sharding.
+        bnb_4bit_quant_storage=DTYPES[quant.storage_dtype or model.dtype],
+    )
+
+
+def load_base(model: ModelConfig, quant: QuantConfig, device: torch.device | str = "cpu"):
+    """The frozen base, on `device`, in model.dtype or 4-bit NF4."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(
+        dtype=DTYPES[model.dtype],
+        device_map={"": str(device)},
+        attn_implementation=model.attn_implementation,
+        trust_remote_code=model.trust_remote_code,
+    )
+    if quant.kind == "nf4":
+        kwargs["quantization_config"] = bnb_config(model, quant)
+    m = AutoModelForCausalLM.from_pretrained(model.path, **kwargs)
+    m.requires_grad_(False)
+    m.config.use_cache = False  # the KV cache is useless in training and breaks checkpointing
+    if model.gradient_checkpointing:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return m
+
+
+def load_tokenizer(model: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding is masked everywhere, any id will do
+    return tok
+
+
+def _safetensors_header(path: Path) -> bytes:
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return f.read(n)
+
+
+def fingerprint(model: ModelConfig, quant: QuantConfig) -> dict:
+    """Identity of a base: architecture config, tokenizer and chat template, quantization, and the
+    headers (tensor names, dtypes, shapes, offsets) and sizes of its weight files.
+
+    Headers rather than contents keep this O(1) in model size while still telling apart
+    different checkpoints of one architecture (sizes and offsets differ) and dtype conversions.
+    """
+    path = Path(model.path)
+    h = hashlib.sha256()
+    cfg = json.loads((path / "config.json").read_text())
+    for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"):
+        cfg.pop(volatile, None)
+    parts = {"config": hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()}
+    tok = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        if (path / name).is_file():
+            tok.update(name.encode() + (path / name).read_bytes())
+    parts["tokenizer"] = tok.hexdigest()
+    weights = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin")):
+        weights.update(f.name.encode() + str(f.stat().st_size).encode())
+        if f.suffix == ".safetensors":
+            weights.update(_safetensors_header(f))
+    parts["weights"] = weights.hexdigest()
+    parts["quant"] = hashlib.sha256(json.dumps([quant.kind, quant.double_quant, quant.storage_dtype or model.dtype]).encode()).hexdigest()
+    for k in ("config", "tokenizer", "weights", "quant"):
+        h.update(parts[k].encode())
+    return {"sha256": h.hexdigest(), "parts": parts}

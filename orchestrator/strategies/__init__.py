@@ -1,0 +1,48 @@
+"""Sharding strategies behind one small Protocol.
+
+A strategy decides how the frozen base is laid out across workers and how adapter gradients
+meet; the training loop only talks to this Protocol. A new strategy is one module implementing
+it plus one conf/strategy/*.yaml.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from orchestrator.config.schema import StrategyConfig
+
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+class Strategy(Protocol):
+    name: str
+
+    def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Shard or replicate `model` and build the optimizer over its trainable parameters."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch (gradients accumulate until optimizer_step)."""
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> torch.Tensor:
+        """Combine gradients across workers, clip, step, zero; return the pre-clip global grad norm."""
+
+    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Full (unsharded) trainable tensors by parameter name. Collective: every rank calls it."""
+
+    def param_bytes(self, model: nn.Module) -> dict[str, int]:
+        """Bytes of frozen and trainable parameters this worker holds."""
+
+
+def build_strategy(cfg: StrategyConfig) -> Strategy:
+    from orchestrator.strategies.replicated_adapter import ReplicatedAdapterStrategy
+
+    if cfg.name == "fsdp":
+        from orchestrator.strategies.fsdp import shard_base
+
+        return ReplicatedAdapterStrategy(cfg, shard_base)
+    if cfg.name in ("ddp", "single"):
+        return ReplicatedAdapterStrategy(cfg)
+    raise ValueError(f"strategy.name={cfg.name!r} has no implementation")

@@ -1,0 +1,79 @@
+"""Strategies that keep the adapter replicated: single, ddp and fsdp.
+
+Adapters are small next to the base (well under 1% of its parameters), so these strategies keep
+them as plain fp32 tensors on every worker and differ only in what they do with the base:
+single and ddp leave it whole on each worker, fsdp shards it with FSDP2. The optimizer
+(bitsandbytes kernels do not take DTensors) then sees plain tensors, every worker holds identical
+adapter and optimizer state, and saving or resharding a checkpoint needs no gather.
+
+torch's DDP wrapper is not used for ddp: with a frozen base it would only all-reduce the adapter
+gradients, which the one flat collective here does too, without the wrapper's name prefixes and
+its reentrant-checkpointing pitfalls.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from orchestrator.config.schema import StrategyConfig
+from orchestrator.strategies import OptimizerFactory
+
+ShardBase = Callable[[nn.Module, StrategyConfig, set], None]
+
+
+def allreduce_grads(params: list[nn.Parameter]) -> None:
+    """Sum gradients over workers in one flat collective (losses are already normalised by the
+    global token count, so a sum, not a mean, gives the single-process gradient)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(g)
+        offset += g.numel()
+
+
+def local_param_bytes(model: nn.Module) -> dict[str, int]:
+    from torch.distributed.tensor import DTensor
+
+    out = {"frozen": 0, "trainable": 0}
+    for p in model.parameters():
+        t = p.to_local() if isinstance(p, DTensor) else p
+        out["trainable" if p.requires_grad else "frozen"] += t.numel() * t.element_size()
+    return out
+
+
+class ReplicatedAdapterStrategy:
+    def __init__(self, cfg: StrategyConfig, shard_base: Optional[ShardBase] = None):
+        self.name = cfg.name
+        self.cfg = cfg
+        self.shard_base = shard_base
+        self._params: list[nn.Parameter] = []
+
+    def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory):
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        if self.shard_base is not None:
+            self.shard_base(model, self.cfg, set(self._params))
+        return model, make_optimizer(self._params)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def optimizer_step(self, optimizer, max_grad_norm: float) -> torch.Tensor:
+        allreduce_grads(self._params)
+        norm = torch.nn.utils.clip_grad_norm_(self._params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
+
+    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def param_bytes(self, model: nn.Module) -> dict[str, int]:
+        return local_param_bytes(model)

@@ -1,0 +1,90 @@
+"""Rank-zero metrics: progress bar, metrics.jsonl and Weights & Biases.
+
+Only rank 0 constructs a Tracker; other ranks get NullTracker and log nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import uuid
+from pathlib import Path
+
+from orchestrator.config.schema import RunConfig, TrackingConfig, as_dict
+
+log = logging.getLogger("orchestrator")
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def _progress_bar(total: int, initial: int):
+    try:
+        import ray.train
+
+        ray.train.get_context()
+        from ray.experimental.tqdm_ray import tqdm  # renders on the driver, not as mangled worker logs
+    except Exception:  # noqa: BLE001 - not inside Ray Train: a plain terminal bar
+        from tqdm import tqdm
+    bar = tqdm(total=total, desc="train", unit="step")  # tqdm_ray has no `initial`
+    if initial:
+        bar.update(initial)
+    return bar
+
+
+def _wandb_run(cfg: TrackingConfig, run: RunConfig, out: Path):
+    import wandb
+
+    id_file = out / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id + "\n")
+    return wandb.init(
+        project=cfg.project,
+        entity=cfg.entity,
+        name=cfg.name or run.name or out.name,
+        group=cfg.group,
+        tags=list(cfg.tags),
+        mode=cfg.mode,
+        dir=str(out),
+        id=run_id,
+        resume="allow",  # a restarted run continues the same W&B run
+        config=as_dict(run),
+        settings=wandb.Settings(console="off", silent=True),
+    )
+
+
+class Tracker:
+    def __init__(self, run: RunConfig, total_steps: int, start_step: int = 0):
+        self.out = Path(run.output_dir)
+        self.metrics = (self.out / "metrics.jsonl").open("a", encoding="utf-8")
+        self.bar = _progress_bar(total_steps, start_step)
+        self.wandb = _wandb_run(run.tracking, run, self.out) if run.tracking.backend == "wandb" else None
+
+    def log(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}}
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        if "loss" in row:
+            self.bar.set_description(f"train loss={row['loss']:.4f} lr={row.get('lr', math.nan):.2e}")
+
+    def advance(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def summary(self, values: dict) -> None:
+        if self.wandb is not None:
+            self.wandb.summary.update(values)
+
+    def finish(self, failed: bool = False) -> None:
+        self.bar.close()
+        self.metrics.close()
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=1 if failed else 0)
+
+
+class NullTracker:
+    def log(self, step: int, metrics: dict) -> None: ...
+    def advance(self, n: int = 1) -> None: ...
+    def summary(self, values: dict) -> None: ...
+    def finish(self, failed: bool = False) -> None: ...

@@ -1,0 +1,76 @@
+"""Session-wide fixtures: demo assets built once, one local Ray instance, W&B offline."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+# Set before anything imports wandb or ray.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """Demo assets for the whole session, in a private directory (never the user's cache)."""
+    root = tmp_path_factory.mktemp("demo")
+    os.environ["ORCHESTRATOR_DEMO_DIR"] = str(root)
+    from orchestrator import demo
+
+    demo.ensure_demo_assets(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_model(demo_root) -> Path:
+    return demo_root / "tiny-llama"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance shared by every test that trains (starting Ray costs ~10 s)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield
+    ray.shutdown()
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(out: Path) -> list[float]:
+    return [m["loss"] for m in read_metrics(out) if "loss" in m]
+
+
+@pytest.fixture
+def train_run(demo_model, ray_local, tmp_path):
+    """train_run(*overrides, name=...) composes the demo experiment with overrides, validates it
+    as the CLI does, trains on the shared Ray instance and returns the output dir."""
+    from orchestrator import driver
+    from orchestrator.config import compose, validate
+
+    def run(*overrides: str, name: str = "run") -> Path:
+        out = tmp_path / name
+        cfg = compose(["experiment=demo", f"output_dir={out}", "tracking=none", *overrides])
+        driver.train(validate(cfg))
+        return out
+
+    return run

@@ -1,0 +1,116 @@
+"""End-to-end training on the shared local Ray instance (2 CPU workers, gloo)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import read_metrics, train_losses
+
+
+def plain_peft_eval_loss(out, quant: str) -> float:
+    """Eval loss of the saved adapter loaded with nothing but transformers + PEFT on an unsharded
+    base, over the same held-out rows the run evaluated."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orchestrator.config.typed import to_typed
+    from orchestrator.config.schema import RunConfig
+    from orchestrator.data import collate, encode_rows
+    from orchestrator.model import bnb_config
+    from orchestrator.train_loop import split_rows, target_tokens
+    import yaml
+
+    run = to_typed(yaml.safe_load((out / "config.yaml").read_text()), RunConfig)
+    kwargs = {"dtype": getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[run.model.dtype])}
+    if quant == "nf4":
+        kwargs["quantization_config"] = bnb_config(run.model, run.quant)
+    base = AutoModelForCausalLM.from_pretrained(run.model.path, **kwargs)
+    model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    tok = AutoTokenizer.from_pretrained(run.model.path)
+    _, eval_rows = split_rows(run)
+    examples = encode_rows(eval_rows, run.data.format, tok, run.data.max_seq_len)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), 4):
+            chunk = examples[i : i + 4]
+            k = target_tokens(chunk, range(len(chunk)))
+            total += model(**collate(chunk, tok.pad_token_id), num_items_in_batch=k).loss.item() * k
+            n += k
+    return total / n
+
+
+def test_demo_qlora_fsdp_end_to_end(train_run):
+    out = train_run("tracking=wandb", "tracking.mode=offline", name="demo")  # the demo experiment as shipped
+    metrics = read_metrics(out)
+    losses = train_losses(out)
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, f"loss did not fall clearly: {losses}"
+    for m in metrics:
+        if "loss" in m:
+            assert {"lr", "grad_norm", "tokens_per_s", "peak_memory_bytes"} <= set(m)
+            assert m["tokens_per_s"] > 0 and math.isfinite(m["grad_norm"])
+
+    adapter = out / "adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors", "manifest.json"} <= {p.name for p in adapter.iterdir()}
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    assert tensors and all("lora_" in k for k in tensors), "adapter file must hold adapter tensors only"
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k), "adapter did not train"
+    manifest = json.loads((adapter / "manifest.json").read_text())
+    assert manifest["step"] == 30 and len(manifest["base_fingerprint"]["sha256"]) == 64
+    assert {"torch", "transformers", "peft", "bitsandbytes"} <= set(manifest["versions"])
+    for step in (10, 20, 30):
+        assert (out / "checkpoints" / f"step-{step}" / "adapter" / "adapter_model.safetensors").is_file()
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb")), "W&B offline run missing"
+
+    # The adapter, loaded in plain PEFT on an unsharded NF4 base, is the model that was trained.
+    final_eval = [m for m in metrics if "eval_loss" in m][-1]["eval_loss"]
+    assert plain_peft_eval_loss(out, "nf4") == pytest.approx(final_eval, rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype,quant,rel", [
+    ("fp32", "none", 1e-5),
+    ("bf16", "none", 2e-3),
+    ("fp32", "nf4", 1e-5),
+    ("bf16", "nf4", 2e-3),
+])
+def test_fsdp_two_workers_match_single_process(train_run, dtype, quant, rel):
+    """Same seed and global batch: FSDP2 across 2 workers follows the single-process loss curve,
+    and each FSDP worker holds about half of the base."""
+    common = [f"model.dtype={dtype}", f"quant={quant}", "trainer.max_steps=10", "adapter.dropout=0",
+              "trainer.save_every=0", "data.eval_fraction=0"]
+    single = train_run(*common, "strategy=single", "cluster.num_workers=1", "trainer.micro_batch_size=8", name="single")
+    fsdp = train_run(*common, "strategy=fsdp", "cluster.num_workers=2", "trainer.micro_batch_size=4", name="fsdp")
+    ls, lf = train_losses(single), train_losses(fsdp)
+    assert len(ls) == len(lf) == 10
+    assert lf == pytest.approx(ls, rel=rel), f"single {ls}\nfsdp   {lf}"
+    assert ls[-1] < ls[0]
+    bytes_single = read_metrics(single)[0]["param_bytes_per_worker"]
+    bytes_fsdp = read_metrics(fsdp)[0]["param_bytes_per_worker"]
+    assert bytes_fsdp <= 0.6 * bytes_single, f"base not sharded: {bytes_fsdp} vs {bytes_single} bytes"
+
+
+@pytest.mark.parametrize("kind", ["dora", "rslora"])
+def test_dora_and_rslora_train_and_load_in_peft(train_run, kind):
+    out = train_run(f"adapter={kind}", "trainer.max_steps=4", "trainer.save_every=0", name=kind)
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["use_dora"] is (kind == "dora") and cfg["use_rslora"] is (kind == "rslora")
+    if kind == "dora":
+        assert any("lora_magnitude_vector" in k for k in load_file(out / "adapter" / "adapter_model.safetensors"))
+    final_eval = [m for m in read_metrics(out) if "eval_loss" in m][-1]["eval_loss"]
+    assert plain_peft_eval_loss(out, "nf4") == pytest.approx(final_eval, rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_other_architectures_train_through_model_path(train_run, demo_model, tmp_path, arch):
+    from orchestrator import demo
+
+    path = demo.build_tiny_model(tmp_path / arch, tokenizer_dir=demo_model, arch=arch)
+    out = train_run(f"model.path={path}", "trainer.max_steps=3", "trainer.save_every=0", name=arch)
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= set(cfg["target_modules"])
+    assert len(train_losses(out)) == 3
