@@ -67,11 +67,29 @@ def load_base(model: ModelConfig, quant: QuantConfig, device: torch.device | str
     if quant.kind == "nf4":
         kwargs["quantization_config"] = bnb_config(model, quant)
     m = AutoModelForCausalLM.from_pretrained(model.path, **kwargs)
+    if quant.kind == "nf4":
+        _keep_4bit_layout(m)
     m.requires_grad_(False)
     m.config.use_cache = False  # the KV cache is useless in training and breaks checkpointing
     if model.gradient_checkpointing:
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return m
+
+
+def _keep_4bit_layout(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights in place for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, Linear4bit.forward in eval mode without grad replaces
+    `weight.data` with a CPU-specific layout and flags the quant_state. Under FSDP the weight
+    is a gathered copy: the shards keep the old layout while the quant_state now describes the
+    new one, so every later forward would dequantize garbage. It also asserts on dimensions
+    that are not multiples of 32. Training never takes that path; evaluation must not either.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_tokenizer(model: ModelConfig):

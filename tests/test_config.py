@@ -39,10 +39,12 @@ def test_realistic_8b_experiment_fails_only_on_missing_gpus(tmp_path, demo_model
     model = tmp_path / "Meta-Llama-3-8B"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(LLAMA3_8B))
-    for f in demo_model.glob("tokenizer*"):
+    for f in [*demo_model.glob("tokenizer*"), demo_model / "chat_template.jinja"]:
         shutil.copy(f, model)
+    data = tmp_path / "chat.jsonl"
+    data.write_text(demo.DEMO_CHAT_DATA.read_text() * 4)  # 256 rows: two global batches of 128
     run = compose(["experiment=llama3_8b_qlora", f"output_dir={tmp_path / 'out'}", f"model.path={model}",
-                   f"data.path={demo.DEMO_CHAT_DATA}"])
+                   f"data.path={data}"])
     assert run.global_batch() == 2 * 8 * 8 and run.model.gradient_checkpointing
     with pytest.raises(ConfigError) as e:
         validate(run)

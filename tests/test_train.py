@@ -49,7 +49,7 @@ def test_demo_qlora_fsdp_end_to_end(train_run):
     metrics = read_metrics(out)
     losses = train_losses(out)
     assert len(losses) == 30
-    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, f"loss did not fall clearly: {losses}"
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, f"loss did not fall clearly: {losses}"
     for m in metrics:
         if "loss" in m:
             assert {"lr", "grad_norm", "tokens_per_s", "peak_memory_bytes"} <= set(m)

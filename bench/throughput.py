@@ -1,0 +1,165 @@
+"""Training throughput and peak memory: `orchestrator train` against a plain Hugging Face
+Trainer + PEFT baseline, on the same model, data, masking, batch and optimizer, in one run.
+
+    python bench/throughput.py                      # CPU: tiny Llama, NF4, 2 workers vs 1
+    python bench/throughput.py --gpu --hidden 2048 --layers 8 --steps 30
+
+Each variant runs in its own process so that peak memory is its own. tokens/s counts non-pad
+tokens of the global batch over the step's wall time, median over the steps after warm-up.
+Prints a table with ratios to the baseline and writes JSON to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def build_model(work: Path, hidden: int, layers: int) -> Path:
+    from orchestrator import demo
+
+    tok = demo.ensure_demo_assets()
+    path = work / f"llama-h{hidden}-l{layers}"
+    if not (path / "config.json").exists():
+        inter = (hidden * 8 // 3 + 31) // 32 * 32
+        demo.build_tiny_model(path, tok, "llama", hidden_size=hidden, intermediate_size=inter, num_layers=layers,
+                              num_heads=max(4, hidden // 64), num_kv_heads=max(2, hidden // 256))
+    return path
+
+
+def hf_baseline(args) -> dict:
+    """The baseline: transformers.Trainer with a PEFT LoRA model on the same NF4 base."""
+    import torch
+    from peft import get_peft_model
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from orchestrator.adapters import peft_config
+    from orchestrator.config import AdapterConfig, ModelConfig, QuantConfig
+    from orchestrator.data import collate, encode_rows, read_rows
+    from orchestrator.model import load_base, load_tokenizer
+
+    mcfg = ModelConfig(path=args.model, dtype=args.dtype)
+    qcfg = QuantConfig(kind=args.quant)
+    tok = load_tokenizer(mcfg)
+    examples = encode_rows(read_rows(args.data, "alpaca"), "alpaca", tok, args.seq)
+    device = "cuda" if args.gpu else "cpu"
+    model = get_peft_model(load_base(mcfg, qcfg, device), peft_config(AdapterConfig(r=args.r, alpha=2 * args.r, dropout=0.0)))
+    tokens: list[int] = []
+
+    def collator(batch):
+        b = collate(batch, tok.pad_token_id)
+        tokens.append(int(b["attention_mask"].sum()))
+        return b
+
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            if args.gpu:
+                torch.cuda.synchronize()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            if args.gpu:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t)
+
+    targs = TrainingArguments(
+        output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.global_batch,
+        learning_rate=3e-3, lr_scheduler_type="cosine", warmup_ratio=0.1, optim="paged_adamw_8bit",
+        logging_steps=10**9, save_strategy="no", report_to=[], use_cpu=not args.gpu, seed=42,
+        bf16=args.dtype == "bf16", dataloader_num_workers=0, remove_unused_columns=False,
+        gradient_checkpointing=False, max_grad_norm=1.0,
+    )
+    Trainer(model=model, args=targs, train_dataset=examples, data_collator=collator, callbacks=[StepTimer()]).train()
+    # The collator may run one batch ahead of the step; pair tokens with timed steps in order.
+    rates = [n / t for n, t in zip(tokens, times)][args.warmup:]
+    peak = torch.cuda.max_memory_allocated() if args.gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"tokens_per_s": statistics.median(rates), "peak_memory_bytes": peak}
+
+
+def orchestrator_run(args, strategy: str, workers: int) -> dict:
+    out = Path(args.out) / f"orch-{strategy}-{workers}"
+    cmd = [sys.executable, "-m", "orchestrator", "train", "experiment=demo", f"model.path={args.model}",
+           f"model.dtype={args.dtype}", f"quant={args.quant}", f"strategy={strategy}", f"cluster.num_workers={workers}",
+           f"cluster.use_gpu={str(args.gpu).lower()}", f"trainer.micro_batch_size={args.global_batch // workers}",
+           f"trainer.max_steps={args.steps}", "trainer.save_every=0", f"data.max_seq_len={args.seq}",
+           "data.eval_fraction=0", f"adapter.r={args.r}", f"adapter.alpha={2 * args.r}", "tracking=none",
+           f"output_dir={out}"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r][args.warmup:]
+    return {
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps),
+        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in steps),
+        "param_bytes_per_worker": steps[0]["param_bytes_per_worker"],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--quant", default="nf4", choices=["nf4", "none"])
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"])
+    p.add_argument("--workers", type=int, default=2, help="workers of the sharded run (CPU processes or GPUs)")
+    p.add_argument("--baseline-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.dtype = args.dtype or ("bf16" if args.gpu else "fp32")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+
+    if args.baseline_only:  # child process: the baseline alone, result as JSON on stdout's last line
+        print(json.dumps(hf_baseline(args)))
+        return
+
+    from orchestrator import demo
+
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    args.model = str(build_model(work, args.hidden, args.layers))
+    args.data = str(demo.DEMO_DATA)
+    args.out = str(work)
+    child = [sys.executable, __file__, "--baseline-only", *sys.argv[1:], f"--model={args.model}", f"--data={args.data}", f"--out={work / 'hf'}"]
+    baseline = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    results = {"hf_trainer_peft (1 process)": baseline, "orchestrator single (1 worker)": orchestrator_run(args, "single", 1)}
+    if args.workers > 1:
+        results[f"orchestrator fsdp ({args.workers} workers)"] = orchestrator_run(args, "fsdp", args.workers)
+
+    print(f"\nmodel: llama hidden={args.hidden} layers={args.layers}, {args.quant} base, {args.dtype}, LoRA r={args.r}, "
+          f"global batch {args.global_batch} x {args.seq} tokens max, {args.steps} steps ({'GPU' if args.gpu else 'CPU'})")
+    print(f"{'variant':38} {'tokens/s':>12} {'ratio':>7} {'peak mem MiB':>13} {'ratio':>7}")
+    for name, r in results.items():
+        print(f"{name:38} {r['tokens_per_s']:12.1f} {r['tokens_per_s'] / baseline['tokens_per_s']:7.2f} "
+              f"{r['peak_memory_bytes'] / 2**20:13.1f} {r['peak_memory_bytes'] / baseline['peak_memory_bytes']:7.2f}")
+    device = "gpu" if args.gpu else "cpu"
+    record = {"args": {k: v for k, v in vars(args).items() if k not in ("model", "data", "out", "baseline_only")},
+              "machine": platform.platform(), "results": results,
+              "ratios_to_baseline": {k: {"tokens_per_s": v["tokens_per_s"] / baseline["tokens_per_s"],
+                                         "peak_memory": v["peak_memory_bytes"] / baseline["peak_memory_bytes"]}
+                                     for k, v in results.items()}}
+    dest = HERE / "results" / f"throughput-{device}.json"
+    dest.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"written to {dest}")
+
+
+if __name__ == "__main__":
+    main()
