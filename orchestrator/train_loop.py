@@ -49,7 +49,12 @@ class Dist:
         rank = dist.get_rank() if dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_initialized() else 1
         local = int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+        device = torch.device("cpu")
+        if use_gpu:
+            from ray.train.torch import get_device  # the GPU Ray assigned to this worker
+
+            device = get_device()
+            torch.cuda.set_device(device)
         return cls(rank, world, local, device)
 
     def all_reduce(self, value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:

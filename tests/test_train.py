@@ -31,6 +31,13 @@ def plain_peft_eval_loss(out, quant: str) -> float:
         kwargs["quantization_config"] = bnb_config(run.model, run.quant)
     base = AutoModelForCausalLM.from_pretrained(run.model.path, **kwargs)
     model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    # CPU only: in eval mode bitsandbytes repacks 4-bit weights for a separate AVX512-BF16
+    # inference kernel, whose rounding differs from the training kernel (~3e-4 in loss) and whose
+    # layout PEFT's DoRA misreads for its weight norm (~1%, an upstream bug). Keep the kernel the
+    # run trained and evaluated with, as load_base does; nothing else about loading changes.
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
     tok = AutoTokenizer.from_pretrained(run.model.path)
     _, eval_rows = split_rows(run)
     examples = encode_rows(eval_rows, run.data.format, tok, run.data.max_seq_len)
@@ -73,9 +80,9 @@ def test_demo_qlora_fsdp_end_to_end(train_run):
 
 
 @pytest.mark.parametrize("dtype,quant,rel", [
-    ("fp32", "none", 1e-5),
+    ("fp32", "none", 1e-6),
     ("bf16", "none", 2e-3),
-    ("fp32", "nf4", 1e-5),
+    ("fp32", "nf4", 1e-6),
     ("bf16", "nf4", 2e-3),
 ])
 def test_fsdp_two_workers_match_single_process(train_run, dtype, quant, rel):
@@ -112,5 +119,6 @@ def test_other_architectures_train_through_model_path(train_run, demo_model, tmp
     path = demo.build_tiny_model(tmp_path / arch, tokenizer_dir=demo_model, arch=arch)
     out = train_run(f"model.path={path}", "trainer.max_steps=3", "trainer.save_every=0", name=arch)
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= set(cfg["target_modules"])
+    adapted = {name.rsplit(".", 1)[-1] for name in cfg["target_modules"]}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert len(train_losses(out)) == 3
