@@ -1,8 +1,9 @@
 """Training throughput and peak memory: `orchestrator train` against a plain Hugging Face
-Trainer + PEFT baseline, on the same model, data, masking, batch and optimizer, in one run.
+Trainer + PEFT baseline, on the same model, data, masking, batch and optimizer, in one run;
+then the sharding strategies against each other on the same workload.
 
     python bench/throughput.py                      # CPU: tiny Llama, NF4, 2 workers vs 1
-    python bench/throughput.py --gpu --hidden 2048 --layers 8 --steps 30
+    python bench/throughput.py --gpu --hidden 2048 --layers 8 --steps 30 --workers 1
 
 Each variant runs in its own process so that peak memory is its own. tokens/s counts non-pad
 tokens of the global batch over the step's wall time, median over the steps after warm-up.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -77,7 +79,7 @@ def hf_baseline(args) -> dict:
 
     targs = TrainingArguments(
         output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.global_batch,
-        learning_rate=3e-3, lr_scheduler_type="cosine", warmup_ratio=0.1, optim="paged_adamw_8bit",
+        learning_rate=3e-3, lr_scheduler_type="cosine", warmup_steps=math.ceil(0.1 * args.steps), optim="paged_adamw_8bit",
         logging_steps=10**9, save_strategy="no", report_to=[], use_cpu=not args.gpu, seed=42,
         bf16=args.dtype == "bf16", dataloader_num_workers=0, remove_unused_columns=False,
         gradient_checkpointing=False, max_grad_norm=1.0,
@@ -97,7 +99,9 @@ def orchestrator_run(args, strategy: str, workers: int) -> dict:
            f"trainer.max_steps={args.steps}", "trainer.save_every=0", f"data.max_seq_len={args.seq}",
            "data.eval_fraction=0", f"adapter.r={args.r}", f"adapter.alpha={2 * args.r}", "tracking=none",
            f"output_dir={out}"]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"orchestrator train failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r][args.warmup:]
     return {
@@ -105,6 +109,21 @@ def orchestrator_run(args, strategy: str, workers: int) -> dict:
         "peak_memory_bytes": max(r["peak_memory_bytes"] for r in steps),
         "param_bytes_per_worker": steps[0]["param_bytes_per_worker"],
     }
+
+
+def ratios(rows: dict, ref: dict) -> dict:
+    return {k: {"tokens_per_s": v["tokens_per_s"] / ref["tokens_per_s"], "peak_memory": v["peak_memory_bytes"] / ref["peak_memory_bytes"]}
+            for k, v in rows.items()}
+
+
+def table(title: str, rows: dict, ref: dict) -> None:
+    print(f"\n{title}")
+    print(f"{'variant':42} {'tokens/s':>10} {'ratio':>6} {'peak MiB':>9} {'ratio':>6} {'base MiB/worker':>16}")
+    for name, r in rows.items():
+        base = r.get("param_bytes_per_worker")
+        print(f"{name:42} {r['tokens_per_s']:10.1f} {r['tokens_per_s'] / ref['tokens_per_s']:6.2f} "
+              f"{r['peak_memory_bytes'] / 2**20:9.1f} {r['peak_memory_bytes'] / ref['peak_memory_bytes']:6.2f} "
+              f"{'' if base is None else f'{base / 2**20:16.2f}'}")
 
 
 def main() -> None:
@@ -119,7 +138,8 @@ def main() -> None:
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--quant", default="nf4", choices=["nf4", "none"])
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"])
-    p.add_argument("--workers", type=int, default=2, help="workers of the sharded run (CPU processes or GPUs)")
+    p.add_argument("--workers", type=int, default=2, help="workers of the sharded runs (CPU processes or GPUs)")
+    p.add_argument("--strategies", default="fsdp,zero2,zero3,zero3_offload", help="sharded strategies to compare (ratios to the first)")
     p.add_argument("--baseline-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -139,23 +159,24 @@ def main() -> None:
     args.data = str(demo.DEMO_DATA)
     args.out = str(work)
     child = [sys.executable, __file__, "--baseline-only", *sys.argv[1:], f"--model={args.model}", f"--data={args.data}", f"--out={work / 'hf'}"]
-    baseline = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    proc = subprocess.run(child, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"baseline failed:\n{proc.stderr[-3000:]}")
+    baseline = json.loads(proc.stdout.strip().splitlines()[-1])
     results = {"hf_trainer_peft (1 process)": baseline, "orchestrator single (1 worker)": orchestrator_run(args, "single", 1)}
-    if args.workers > 1:
-        results[f"orchestrator fsdp ({args.workers} workers)"] = orchestrator_run(args, "fsdp", args.workers)
+    strategies = {s: orchestrator_run(args, s, args.workers) for s in args.strategies.split(",") if s}
 
     print(f"\nmodel: llama hidden={args.hidden} layers={args.layers}, {args.quant} base, {args.dtype}, LoRA r={args.r}, "
           f"global batch {args.global_batch} x {args.seq} tokens max, {args.steps} steps ({'GPU' if args.gpu else 'CPU'})")
-    print(f"{'variant':38} {'tokens/s':>12} {'ratio':>7} {'peak mem MiB':>13} {'ratio':>7}")
-    for name, r in results.items():
-        print(f"{name:38} {r['tokens_per_s']:12.1f} {r['tokens_per_s'] / baseline['tokens_per_s']:7.2f} "
-              f"{r['peak_memory_bytes'] / 2**20:13.1f} {r['peak_memory_bytes'] / baseline['peak_memory_bytes']:7.2f}")
+    table("against the Hugging Face Trainer + PEFT baseline", {**results, **{f"orchestrator {k} ({args.workers} workers)": v for k, v in strategies.items()}}, baseline)
+    if strategies:
+        first = next(iter(strategies))
+        table(f"strategies against {first} ({args.workers} workers each)", strategies, strategies[first])
     device = "gpu" if args.gpu else "cpu"
     record = {"args": {k: v for k, v in vars(args).items() if k not in ("model", "data", "out", "baseline_only")},
-              "machine": platform.platform(), "results": results,
-              "ratios_to_baseline": {k: {"tokens_per_s": v["tokens_per_s"] / baseline["tokens_per_s"],
-                                         "peak_memory": v["peak_memory_bytes"] / baseline["peak_memory_bytes"]}
-                                     for k, v in results.items()}}
+              "machine": platform.platform(), "results": results, "strategies": strategies,
+              "ratios_to_baseline": ratios(results, baseline),
+              "strategy_ratios_to_first": ratios(strategies, next(iter(strategies.values()))) if strategies else {}}
     dest = HERE / "results" / f"throughput-{device}.json"
     dest.write_text(json.dumps(record, indent=2) + "\n")
     print(f"written to {dest}")

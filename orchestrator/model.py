@@ -58,14 +58,19 @@ def load_base(model: ModelConfig, quant: QuantConfig, device: torch.device | str
     """The frozen base, on `device`, in model.dtype or 4-bit NF4."""
     from transformers import AutoModelForCausalLM
 
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     kwargs = dict(
         dtype=DTYPES[model.dtype],
-        device_map={"": str(device)},
         attn_implementation=model.attn_implementation,
         trust_remote_code=model.trust_remote_code,
     )
     if quant.kind == "nf4":
         kwargs["quantization_config"] = bnb_config(model, quant)
+    if not is_deepspeed_zero3_enabled():
+        # Under ZeRO-3 zero-init (the strategy's load_context) each worker materialises only its
+        # partition and DeepSpeed places it; transformers refuses a device_map there.
+        kwargs["device_map"] = {"": str(device)}
     m = AutoModelForCausalLM.from_pretrained(model.path, **kwargs)
     if quant.kind == "nf4":
         _keep_4bit_layout(m)

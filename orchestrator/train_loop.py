@@ -193,12 +193,13 @@ def train_loop(config: dict) -> None:
     train = encode_rows(train_rows, run.data.format, tokenizer, run.data.max_seq_len)
     evals = encode_rows(eval_rows, run.data.format, tokenizer, run.data.max_seq_len)
 
-    model = load_base(run.model, run.quant, d.device)
-    model = adapters.attach_adapter(model, run.adapter)
-    expected = adapters.adapter_shapes(model)
-    n_trainable, n_total = model.get_nb_trainable_parameters()
-    strategy = build_strategy(run.strategy)
-    model, optimizer = strategy.prepare(model, lambda ps: build_optimizer(ps, run.optim, run.trainer.lr))
+    strategy = build_strategy(run)
+    with strategy.load_context():
+        base = load_base(run.model, run.quant, d.device)
+    peft_model = adapters.attach_adapter(base, run.adapter)
+    expected = adapters.adapter_shapes(peft_model)
+    n_trainable, n_total = peft_model.get_nb_trainable_parameters()
+    model, optimizer = strategy.prepare(peft_model, lambda ps: build_optimizer(ps, run.optim, run.trainer.lr))
     model.train()
 
     sampler = GlobalBatchSampler(len(train), run.trainer.micro_batch_size, run.trainer.grad_accum, d.world, d.rank, run.trainer.seed)
@@ -221,7 +222,7 @@ def train_loop(config: dict) -> None:
     def save(target: Path, step: int, subdir: str = "") -> None:
         state = strategy.adapter_state_dict(model)  # collective for sharded adapters
         if d.rank == 0:
-            write = lambda tmp: adapters.save_adapter(model, state, expected, tmp / subdir, manifest(run, step, base_fp))  # noqa: E731
+            write = lambda tmp: adapters.save_adapter(peft_model, state, expected, tmp / subdir, manifest(run, step, base_fp))  # noqa: E731
             checkpoint.commit(target, write)
         if d.world > 1:
             dist.barrier()

@@ -60,17 +60,22 @@ def train_losses(out: Path) -> list[float]:
     return [m["loss"] for m in read_metrics(out) if "loss" in m]
 
 
-@pytest.fixture
-def train_run(demo_model, ray_local, tmp_path):
-    """train_run(*overrides, name=...) composes the demo experiment with overrides, validates it
-    as the CLI does, trains on the shared Ray instance and returns the output dir."""
+def train(out: Path, *overrides: str) -> Path:
+    """Compose the demo experiment with overrides, validate it as the CLI does, train it on the
+    shared Ray instance (needs the ray_local and demo_model fixtures) and return the output dir."""
     from orchestrator import driver
     from orchestrator.config import compose, validate
 
+    cfg = compose(["experiment=demo", f"output_dir={out}", "tracking=none", *overrides])
+    driver.train(validate(cfg))
+    return out
+
+
+@pytest.fixture
+def train_run(demo_model, ray_local, tmp_path):
+    """train_run(*overrides, name=...) -> output dir of a finished run under tmp_path."""
+
     def run(*overrides: str, name: str = "run") -> Path:
-        out = tmp_path / name
-        cfg = compose(["experiment=demo", f"output_dir={out}", "tracking=none", *overrides])
-        driver.train(validate(cfg))
-        return out
+        return train(tmp_path / name, *overrides)
 
     return run

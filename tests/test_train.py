@@ -79,19 +79,22 @@ def test_demo_qlora_fsdp_end_to_end(train_run):
     assert plain_peft_eval_loss(out, "nf4") == pytest.approx(final_eval, rel=1e-4)
 
 
-@pytest.mark.parametrize("dtype,quant,rel", [
-    ("fp32", "none", 1e-6),
-    ("bf16", "none", 2e-3),
-    ("fp32", "nf4", 1e-6),
-    ("bf16", "nf4", 2e-3),
+@pytest.mark.parametrize("dtype,quant,rel,checkpointing", [
+    ("fp32", "none", 1e-6, False),
+    ("bf16", "none", 2e-3, False),
+    ("fp32", "nf4", 1e-6, True),
+    ("bf16", "nf4", 2e-3, False),
 ])
-def test_fsdp_two_workers_match_single_process(train_run, dtype, quant, rel):
+def test_fsdp_two_workers_match_single_process(train_run, dtype, quant, rel, checkpointing):
     """Same seed and global batch: FSDP2 across 2 workers follows the single-process loss curve,
-    and each FSDP worker holds about half of the base."""
+    and each FSDP worker holds about half of the base. Observed: fp32 agrees to ~2e-7, bf16 to
+    ~7e-4 (different batch shapes round differently). One case also recomputes activations
+    (gradient checkpointing over the frozen 4-bit base), which must not change the numbers."""
     common = [f"model.dtype={dtype}", f"quant={quant}", "trainer.max_steps=10", "adapter.dropout=0",
               "trainer.save_every=0", "data.eval_fraction=0"]
     single = train_run(*common, "strategy=single", "cluster.num_workers=1", "trainer.micro_batch_size=8", name="single")
-    fsdp = train_run(*common, "strategy=fsdp", "cluster.num_workers=2", "trainer.micro_batch_size=4", name="fsdp")
+    fsdp = train_run(*common, "strategy=fsdp", "cluster.num_workers=2", "trainer.micro_batch_size=4",
+                     f"model.gradient_checkpointing={str(checkpointing).lower()}", name="fsdp")
     ls, lf = train_losses(single), train_losses(fsdp)
     assert len(ls) == len(lf) == 10
     assert lf == pytest.approx(ls, rel=rel), f"single {ls}\nfsdp   {lf}"

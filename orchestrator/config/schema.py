@@ -56,11 +56,29 @@ class AdapterConfig:
 
 @dataclass
 class StrategyConfig:
-    name: Literal["fsdp", "ddp", "single"] = "fsdp"
+    name: Literal["fsdp", "ddp", "single", "zero2", "zero3", "zero3_offload"] = "fsdp"
     """fsdp: FSDP2 fully_shard per decoder layer + root (base sharded across workers).
-    ddp: base replicated on every worker. single: one process, the reference for tests."""
+    ddp: base replicated on every worker. single: one process, the reference for tests.
+    zero2: DeepSpeed ZeRO-2 (adapter gradients and optimizer state partitioned, base replicated).
+    zero3: DeepSpeed ZeRO-3 (base and adapter partitioned too). zero3_offload: zero3 with
+    optimizer state and parameters offloaded to CPU memory."""
     reshard_after_forward: bool = True
     """FSDP: free gathered layers after forward (ZeRO-3-like); false keeps them (ZeRO-2-like)."""
+    offload: bool = False
+    """DeepSpeed: offload optimizer state to CPU (zero2, zero3); zero3_offload also offloads
+    parameters and requires true."""
+    ds_config: Optional[str] = None
+    """DeepSpeed: path to a user DeepSpeed JSON merged into the generated config; keys that
+    contradict the run's own settings (micro batch, stage, clipping, precision...) are refused."""
+    reduce_bucket_size: int = 500_000_000
+    """DeepSpeed: elements per gradient reduce bucket (zero_optimization.reduce_bucket_size)."""
+    allgather_bucket_size: int = 500_000_000
+    """DeepSpeed zero2: elements per parameter all-gather bucket after the step."""
+    prefetch_bucket_size: int = 50_000_000
+    """DeepSpeed zero3: elements of parameters prefetched ahead of use (stage3_prefetch_bucket_size)."""
+    param_persistence_threshold: int = 100_000
+    """DeepSpeed zero3: parameters with fewer elements stay whole on every worker
+    (stage3_param_persistence_threshold); 0 partitions everything."""
 
 
 @dataclass

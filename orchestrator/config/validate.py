@@ -56,9 +56,67 @@ def _static(run: RunConfig) -> list[str]:
             "FSDP flattens each layer's parameters into one buffer of one dtype; set quant.storage_dtype=null "
             "(same as model.dtype)"
         )
+    p += _deepspeed_static(run)
     if run.model.dtype == "fp16" and not c.use_gpu:
         p.append("model.dtype=fp16: half precision is not supported for CPU training; use fp32 or bf16")
     return p
+
+
+DEEPSPEED = ("zero2", "zero3", "zero3_offload")
+
+
+def _deepspeed_static(run: RunConfig) -> list[str]:
+    s, q = run.strategy, run.quant
+    p: list[str] = []
+    if s.name not in DEEPSPEED:
+        if s.offload:
+            p.append(
+                f"strategy.offload=true with strategy={s.name}: CPU offload is a DeepSpeed option; "
+                "use strategy=zero2 or strategy=zero3 with strategy.offload=true, or strategy=zero3_offload"
+            )
+        if s.ds_config:
+            p.append(
+                f"strategy.ds_config={s.ds_config} with strategy={s.name}: a DeepSpeed JSON only applies to "
+                "strategy=zero2, zero3 or zero3_offload; remove strategy.ds_config or pick one of those"
+            )
+        return p
+    if s.name == "zero3_offload" and not s.offload:
+        p.append("strategy=zero3_offload with strategy.offload=false: contradictory; use strategy=zero3 for no offload")
+    for f in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size"):
+        if getattr(s, f) < 1:
+            p.append(f"strategy.{f}: must be >= 1 element, got {getattr(s, f)}")
+    if s.param_persistence_threshold < 0:
+        p.append(f"strategy.param_persistence_threshold: must be >= 0, got {s.param_persistence_threshold}")
+    if q.kind == "nf4" and q.storage_dtype not in (None, run.model.dtype):
+        p.append(
+            f"quant.storage_dtype={q.storage_dtype} with model.dtype={run.model.dtype} under strategy={s.name}: "
+            f"DeepSpeed casts the whole module to the training precision ({run.model.dtype}), which would reinterpret "
+            "the packed 4-bit weights; set quant.storage_dtype=null (same as model.dtype)"
+        )
+    if run.model.dtype == "fp16":
+        p.append(
+            f"model.dtype=fp16 under strategy={s.name}: fp16 needs DeepSpeed's dynamic loss scaling, whose skipped "
+            "steps the loop does not account for; use model.dtype=bf16"
+        )
+    return p
+
+
+def _deepspeed_json(run: RunConfig) -> list[str]:
+    """The user DeepSpeed JSON exists, parses and does not contradict the run (needs the file)."""
+    s = run.strategy
+    if s.name not in DEEPSPEED or not s.ds_config:
+        return []
+    if not Path(s.ds_config).is_file():
+        return [f"strategy.ds_config: {s.ds_config} does not exist"]
+    from orchestrator.strategies.deepspeed import build_ds_config
+
+    t = run.trainer
+    try:
+        build_ds_config(s, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, max_grad_norm=run.optim.max_grad_norm,
+                        dtype=run.model.dtype, world_size=run.cluster.num_workers)
+    except ValueError as e:
+        return [str(e)]
+    return []
 
 
 def _model(run: RunConfig) -> list[str]:
@@ -150,7 +208,7 @@ def validate(run: RunConfig, environment: bool = True) -> RunConfig:
     """
     problems = _static(run)
     if environment:
-        problems += _model(run) + _data(run) + _resources(run)
+        problems += _model(run) + _data(run) + _resources(run) + _deepspeed_json(run)
     if problems:
         raise ConfigError(problems)
     return run

@@ -7,18 +7,23 @@ it plus one conf/strategy/*.yaml.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+import contextlib
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from torch import nn
 
-from orchestrator.config.schema import StrategyConfig
+if TYPE_CHECKING:
+    from orchestrator.config.schema import RunConfig
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
 class Strategy(Protocol):
     name: str
+
+    def load_context(self) -> contextlib.AbstractContextManager:
+        """Entered around loading the base (ZeRO-3 partitions it while it loads)."""
 
     def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Shard or replicate `model` and build the optimizer over its trainable parameters."""
@@ -36,13 +41,18 @@ class Strategy(Protocol):
         """Bytes of frozen and trainable parameters this worker holds."""
 
 
-def build_strategy(cfg: StrategyConfig) -> Strategy:
+def build_strategy(run: "RunConfig") -> Strategy:
     from orchestrator.strategies.replicated_adapter import ReplicatedAdapterStrategy
 
+    cfg = run.strategy
     if cfg.name == "fsdp":
         from orchestrator.strategies.fsdp import shard_base
 
         return ReplicatedAdapterStrategy(cfg, shard_base)
     if cfg.name in ("ddp", "single"):
         return ReplicatedAdapterStrategy(cfg)
+    if cfg.name in ("zero2", "zero3", "zero3_offload"):
+        from orchestrator.strategies.deepspeed import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(cfg, run)
     raise ValueError(f"strategy.name={cfg.name!r} has no implementation")

@@ -13,6 +13,7 @@ its reentrant-checkpointing pitfalls.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -55,6 +56,9 @@ class ReplicatedAdapterStrategy:
         self.cfg = cfg
         self.shard_base = shard_base
         self._params: list[nn.Parameter] = []
+
+    def load_context(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
     def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory):
         self._params = [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,180 @@
+"""DeepSpeed strategies without Ray or processes: config generation, user-JSON conflicts and
+the static validation refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orchestrator.config.schema import RunConfig, StrategyConfig
+from orchestrator.config.validate import _deepspeed_json, _static
+from orchestrator.strategies.deepspeed import DeepSpeedConfigConflict, build_ds_config
+
+
+def ds(name="zero2", **kw):
+    args = dict(micro_batch_size=4, grad_accum=2, max_grad_norm=1.0, dtype="bf16", world_size=2)
+    args.update(kw.pop("args", {}))
+    return build_ds_config(StrategyConfig(name=name, **kw), **args)
+
+
+def run_with(name: str, **strategy) -> RunConfig:
+    r = RunConfig()
+    r.model.path = "/nonexistent"
+    r.strategy = StrategyConfig(name=name, **strategy)
+    return r
+
+
+def test_zero2_config_from_the_run():
+    c = ds("zero2", reduce_bucket_size=123, allgather_bucket_size=456)
+    assert c["train_micro_batch_size_per_gpu"] == 4
+    assert c["gradient_accumulation_steps"] == 2
+    assert c["train_batch_size"] == 16
+    assert c["gradient_clipping"] == 1.0
+    assert c["bf16"] == {"enabled": True} and "fp16" not in c
+    z = c["zero_optimization"]
+    assert z["stage"] == 2 and z["reduce_bucket_size"] == 123 and z["allgather_bucket_size"] == 456
+    assert "offload_optimizer" not in z and "offload_param" not in z
+    assert c["zero_allow_untested_optimizer"] is True  # our bitsandbytes optimizer is a client optimizer
+
+
+def test_fp32_sets_no_precision_section():
+    c = ds("zero3", args={"dtype": "fp32"})
+    assert "bf16" not in c and "fp16" not in c
+
+
+def test_zero3_and_offload_sections():
+    z3 = ds("zero3", prefetch_bucket_size=7, param_persistence_threshold=0)["zero_optimization"]
+    assert z3["stage"] == 3 and z3["stage3_prefetch_bucket_size"] == 7 and z3["stage3_param_persistence_threshold"] == 0
+    assert "offload_param" not in z3 and "allgather_bucket_size" not in z3
+    off = ds("zero3_offload", offload=True)["zero_optimization"]
+    assert off["stage"] == 3 and off["offload_optimizer"] == {"device": "cpu"} and off["offload_param"] == {"device": "cpu"}
+    z2off = ds("zero2", offload=True)["zero_optimization"]
+    assert z2off["offload_optimizer"] == {"device": "cpu"} and "offload_param" not in z2off
+
+
+def test_not_a_deepspeed_strategy():
+    with pytest.raises(ValueError, match="not a DeepSpeed strategy"):
+        ds("fsdp")
+
+
+def test_user_json_merges_where_it_does_not_conflict(tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({
+        "zero_optimization": {"overlap_comm": True, "stage": 2},  # same stage: fine
+        "gradient_clipping": 1,  # 1 == 1.0
+        "communication_data_type": "fp32",
+        "bf16": {"enabled": True},
+    }))
+    c = ds("zero2", ds_config=str(user))
+    assert c["zero_optimization"]["overlap_comm"] is True
+    assert c["zero_optimization"]["stage"] == 2
+    assert c["communication_data_type"] == "fp32"
+    assert c["zero_optimization"]["reduce_bucket_size"] == StrategyConfig().reduce_bucket_size
+
+
+def test_user_json_conflicts_name_every_key_and_both_values(tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": 8,
+        "gradient_clipping": 0.5,
+        "zero_optimization": {"stage": 3},
+    }))
+    with pytest.raises(DeepSpeedConfigConflict) as e:
+        ds("zero2", ds_config=str(user))
+    msg = str(e.value)
+    assert "train_micro_batch_size_per_gpu: run sets 4, strategy.ds_config" in msg and "sets 8" in msg
+    assert "gradient_clipping: run sets 1.0" in msg and "sets 0.5" in msg
+    assert "zero_optimization.stage: run sets 2" in msg and "sets 3" in msg
+    assert str(user) in msg
+
+
+def test_user_json_cannot_turn_on_a_precision_the_run_does_not_use(tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"fp16": {"enabled": True}}))
+    with pytest.raises(DeepSpeedConfigConflict, match="fp16.enabled"):
+        ds("zero2", ds_config=str(user), args={"dtype": "fp32"})
+
+
+def test_user_json_unreadable(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read DeepSpeed JSON"):
+        ds("zero2", ds_config=str(bad))
+
+
+def test_validation_reports_ds_json_conflicts_and_missing_file(tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"gradient_accumulation_steps": 4}))
+    r = run_with("zero3", ds_config=str(user))
+    (problem,) = _deepspeed_json(r)
+    assert "gradient_accumulation_steps: run sets 1" in problem and "sets 4" in problem
+    assert _deepspeed_json(run_with("zero3", ds_config=str(tmp_path / "nope.json"))) == [
+        f"strategy.ds_config: {tmp_path / 'nope.json'} does not exist"
+    ]
+
+
+@pytest.mark.parametrize(
+    "name, strategy, fragment",
+    [
+        ("fsdp", {"offload": True}, "strategy.offload=true with strategy=fsdp"),
+        ("ddp", {"ds_config": "x.json"}, "strategy.ds_config=x.json with strategy=ddp"),
+        ("zero3_offload", {"offload": False}, "use strategy=zero3 for no offload"),
+        ("zero2", {"reduce_bucket_size": 0}, "strategy.reduce_bucket_size: must be >= 1"),
+        ("zero3", {"param_persistence_threshold": -1}, "strategy.param_persistence_threshold: must be >= 0"),
+    ],
+)
+def test_static_refusals(name, strategy, fragment):
+    problems = _static(run_with(name, **strategy))
+    assert any(fragment in p for p in problems), problems
+
+
+def test_static_refuses_nf4_storage_mismatch_and_fp16_under_zero():
+    r = run_with("zero3")
+    r.quant.kind, r.quant.storage_dtype, r.model.dtype = "nf4", "fp32", "bf16"
+    assert any("quant.storage_dtype=fp32 with model.dtype=bf16 under strategy=zero3" in p for p in _static(r))
+    r = run_with("zero2")
+    r.model.dtype, r.cluster.use_gpu = "fp16", True
+    assert any("model.dtype=fp16 under strategy=zero2" in p and "bf16" in p for p in _static(r))
+
+
+def test_static_accepts_plain_zero_configs():
+    for name, kw in (("zero2", {}), ("zero3", {}), ("zero3_offload", {"offload": True}), ("zero2", {"offload": True})):
+        r = run_with(name, **kw)
+        r.quant.kind = "nf4"
+        assert _static(r) == [], (name, _static(r))
+
+
+def test_build_strategy_wires_the_names():
+    from orchestrator.strategies import build_strategy
+
+    r = run_with("zero3_offload", offload=True)
+    r.trainer.micro_batch_size, r.trainer.grad_accum = 3, 5
+    s = build_strategy(r)
+    assert s.name == "zero3_offload" and s.stage == 3
+    c = s.ds_config(world_size=2)
+    assert c["train_batch_size"] == 30 and c["zero_optimization"]["offload_param"] == {"device": "cpu"}
+
+
+def test_strategy_yamls_list_every_field():
+    from dataclasses import fields
+
+    import yaml
+
+    from orchestrator.config import CONF_DIR
+
+    names = {f.name for f in fields(StrategyConfig)}
+    for n in ("fsdp", "ddp", "single", "zero2", "zero3", "zero3_offload"):
+        y = yaml.safe_load((CONF_DIR / "strategy" / f"{n}.yaml").read_text())
+        assert set(y) == names, (n, names ^ set(y))
+        assert y["name"] == n
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload"])
+def test_compose_selects_the_zero_strategies(name, tmp_path):
+    from orchestrator.config import compose
+
+    run = compose(["experiment=demo", f"output_dir={tmp_path}", f"strategy={name}"])
+    assert run.strategy.name == name
+    assert run.strategy.offload is (name == "zero3_offload")
+    assert _static(run) == []
