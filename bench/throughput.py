@@ -40,6 +40,21 @@ def build_model(work: Path, hidden: int, layers: int) -> Path:
     return path
 
 
+def build_data(work: Path, join: int) -> Path:
+    """The demo rows, `join` at a time merged into one longer example (GPU runs need sequences
+    long enough for the matmuls, not the launch overheads, to dominate)."""
+    from orchestrator import demo
+
+    rows = [json.loads(line) for line in demo.DEMO_DATA.read_text().splitlines()]
+    path = work / f"data-x{join}.jsonl"
+    with path.open("w") as f:
+        for i in range(0, len(rows) - join + 1, join):
+            group = rows[i : i + join]
+            f.write(json.dumps({"instruction": "\n".join(r["instruction"] + " " + r["input"] for r in group),
+                                "input": "", "output": "\n".join(r["output"] for r in group)}) + "\n")
+    return path
+
+
 def hf_baseline(args) -> dict:
     """The baseline: transformers.Trainer with a PEFT LoRA model on the same NF4 base."""
     import torch
@@ -97,7 +112,7 @@ def orchestrator_run(args, strategy: str, workers: int) -> dict:
            f"model.dtype={args.dtype}", f"quant={args.quant}", f"strategy={strategy}", f"cluster.num_workers={workers}",
            f"cluster.use_gpu={str(args.gpu).lower()}", f"trainer.micro_batch_size={args.global_batch // workers}",
            f"trainer.max_steps={args.steps}", "trainer.save_every=0", f"data.max_seq_len={args.seq}",
-           "data.eval_fraction=0", f"adapter.r={args.r}", f"adapter.alpha={2 * args.r}", "tracking=none",
+           f"data.path={args.data}", "data.eval_fraction=0", f"adapter.r={args.r}", f"adapter.alpha={2 * args.r}", "tracking=none",
            f"output_dir={out}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
@@ -135,6 +150,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--join", type=int, default=1, help="demo rows merged into one example (longer sequences)")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--quant", default="nf4", choices=["nf4", "none"])
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"])
@@ -152,11 +168,9 @@ def main() -> None:
         print(json.dumps(hf_baseline(args)))
         return
 
-    from orchestrator import demo
-
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     args.model = str(build_model(work, args.hidden, args.layers))
-    args.data = str(demo.DEMO_DATA)
+    args.data = str(build_data(work, args.join))
     args.out = str(work)
     child = [sys.executable, __file__, "--baseline-only", *sys.argv[1:], f"--model={args.model}", f"--data={args.data}", f"--out={work / 'hf'}"]
     proc = subprocess.run(child, capture_output=True, text=True)

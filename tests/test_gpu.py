@@ -12,7 +12,7 @@ pytestmark = pytest.mark.gpu
 GPU = ["cluster.use_gpu=true", "model.dtype=bf16", "trainer.save_every=0"]
 
 
-@pytest.mark.parametrize("strategy", ["single", "fsdp"])
+@pytest.mark.parametrize("strategy", ["single", "fsdp", "zero2", "zero3"])
 def test_qlora_trains_on_cuda(train_run, strategy):
     out = train_run(*GPU, "trainer.max_steps=20", f"strategy={strategy}", "cluster.num_workers=1", "trainer.micro_batch_size=8", name=strategy)
     losses = train_losses(out)
