@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -41,28 +40,56 @@ def is_committed(path: Path) -> bool:
     return (path / MARKER).is_file()
 
 
+def staging_dir(final: Path) -> Path:
+    """Where `final` is written before it is published. Deterministic, so that every worker of a
+    sharded save (DeepSpeed writes one file per rank) writes into the same directory."""
+    return final.parent / f".{final.name}.tmp"
+
+
+def stage(final: Path) -> Path:
+    """Prepare an empty staging directory for `final` (one process calls this)."""
+    final = Path(final)
+    if is_committed(final):
+        raise FileExistsError(f"{final} is already a committed checkpoint; refusing to overwrite it")
+    tmp = staging_dir(final)
+    shutil.rmtree(tmp, ignore_errors=True)  # leftover of a torn write
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(tmp: Path, final: Path) -> Path:
+    """fsync the staged files, rename them into place, then write the marker (one process)."""
+    if final.exists():
+        shutil.rmtree(final)  # uncommitted: stage() refused committed ones
+    _fsync_tree(tmp)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+    (final / MARKER).write_text("")
+    _fsync_tree(final)
+    return final
+
+
 def commit(final: Path, write: Callable[[Path], None]) -> Path:
     """Run write(tmp_dir) and atomically publish tmp_dir as `final`. Refuses to replace an
     existing committed directory: nothing already saved is overwritten."""
     final = Path(final)
-    if final.exists():
-        if is_committed(final):
-            raise FileExistsError(f"{final} is already a committed checkpoint; refusing to overwrite it")
-        shutil.rmtree(final)  # an uncommitted leftover of a torn write
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = stage(final)
     try:
         write(tmp)
-        _fsync_tree(tmp)
-        os.rename(tmp, final)
-        _fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    (final / MARKER).write_text("")
-    _fsync_tree(final)
-    return final
+    return publish(tmp, final)
+
+
+def clean_torn(checkpoints_dir: Path) -> list[Path]:
+    """Remove what a crash mid-save left behind (staging dirs, step dirs without the marker)."""
+    if not checkpoints_dir.is_dir():
+        return []
+    torn = [p for p in checkpoints_dir.iterdir() if p.is_dir() and (p.name.endswith(".tmp") or (STEP_DIR.match(p.name) and not is_committed(p)))]
+    for p in torn:
+        shutil.rmtree(p)
+    return torn
 
 
 def step_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
@@ -86,3 +113,8 @@ def prune(checkpoints_dir: Path, keep_last: int) -> list[Path]:
         (p / MARKER).unlink()  # uncommit first, so a crash mid-delete leaves no half checkpoint that looks valid
         shutil.rmtree(p)
     return old
+
+
+def newest(checkpoints_dir: Path) -> Path | None:
+    found = step_checkpoints(checkpoints_dir)
+    return found[-1][1] if found else None

@@ -11,6 +11,8 @@ USAGE = """usage: orchestrator <command> [args]
 commands:
   train [hydra overrides]   fine-tune an adapter (e.g. orchestrator train experiment=demo);
                             --cfg job prints the composed config, -m runs a Hydra multirun
+  merge adapter=DIR output=DIR [base=DIR] [dtype=bf16|fp32]
+                            merge an adapter into its base and write a Hugging Face model
 """
 
 HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--info"}
@@ -88,6 +90,26 @@ def train(args: list[str]) -> None:
     task()
 
 
+def merge(args: list[str]) -> None:
+    from orchestrator.merge import MergeError
+    from orchestrator.merge import merge as run_merge
+
+    allowed = {"adapter", "output", "base", "dtype"}
+    kv = dict(a.split("=", 1) for a in args if "=" in a)
+    bad = [a for a in args if "=" not in a or a.split("=", 1)[0] not in allowed]
+    missing = [k for k in ("adapter", "output") if k not in kv]
+    if bad or missing:
+        _fail(f"merge: {'unknown arguments ' + ', '.join(bad) if bad else ''}{'; ' if bad and missing else ''}"
+              f"{'missing ' + ', '.join(missing) if missing else ''}\n{USAGE}")
+    if kv.get("dtype", "bf16") not in ("bf16", "fp32"):
+        _fail(f"merge: dtype={kv['dtype']} is not valid; valid: bf16, fp32")
+    try:
+        out = run_merge(Path(kv["adapter"]), Path(kv["output"]), Path(kv["base"]) if "base" in kv else None, kv.get("dtype", "bf16"))
+    except (MergeError, FileExistsError) as e:
+        _fail(str(e), 1)
+    print(f"merged model written to {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     logging.getLogger("orchestrator").setLevel(logging.INFO)
@@ -97,4 +119,6 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command == "train":
         return train(rest)
+    if command == "merge":
+        return merge(rest)
     _fail(f"unknown command {command!r}\n{USAGE}")

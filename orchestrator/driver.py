@@ -16,19 +16,54 @@ class RunFailed(RuntimeError):
     """Training failed on the workers; the message is the workers' own error."""
 
 
-def prepare_output_dir(run: RunConfig) -> Path:
-    """Create output_dir and write config.yaml; refuse a directory that already holds a trained
-    adapter or checkpoints, so a finished run is never overwritten."""
+# Settings that may change between a run and its resumption: where and how it runs, not what
+# it computes (the global batch is compared on its own).
+RESUMABLE_CHANGES = ("output_dir", "resume", "name", "cluster.", "tracking.", "trainer.micro_batch_size", "trainer.grad_accum")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(old: dict, new: RunConfig) -> list[str]:
+    a, b = _flat(old), _flat(as_dict(new))
+    diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+             if not k.startswith(RESUMABLE_CHANGES) and a.get(k) != b.get(k)]
+    t, c = old.get("trainer", {}), old.get("cluster", {})
+    old_batch = t.get("micro_batch_size", 0) * t.get("grad_accum", 0) * c.get("num_workers", 0)
+    if old_batch != new.global_batch():
+        diffs.append(f"global batch (micro_batch_size * grad_accum * num_workers): {old_batch} -> {new.global_batch()}")
+    return diffs
+
+
+def prepare_output_dir(run: RunConfig) -> bool:
+    """Create output_dir and write config.yaml. Returns False when the run there is already
+    complete. A directory holding another run's checkpoints is refused, never mixed or overwritten."""
+    from orchestrator.checkpoint import is_committed, step_checkpoints
+
     out = Path(run.output_dir)
-    taken = [p for p in (out / "adapter", out / "checkpoints") if p.exists() and any(p.iterdir())]
-    if taken:
-        raise FileExistsError(
-            f"output_dir {out} already holds a run ({', '.join(p.name for p in taken)}); "
-            "choose a new output_dir so its results are kept"
-        )
+    held = step_checkpoints(out / "checkpoints") or is_committed(out / "adapter")
+    if held:
+        if run.resume == "never":
+            raise FileExistsError(f"output_dir {out} already holds checkpoints and resume=never; choose a new output_dir")
+        old = OmegaConf.to_container(OmegaConf.load(out / "config.yaml")) if (out / "config.yaml").is_file() else {}
+        diffs = config_differences(old, run)
+        if diffs:
+            raise FileExistsError(
+                f"output_dir {out} holds the checkpoints of a different run; resuming would mix them. "
+                "Use a new output_dir, or the same config. Differences:\n  " + "\n  ".join(diffs)
+            )
+        if is_committed(out / "adapter"):
+            return False
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(as_dict(run))))
-    return out
+    return True
 
 
 def _ray_init(run: RunConfig) -> None:
@@ -63,7 +98,10 @@ def train(run: RunConfig) -> Path:
 
     from orchestrator.train_loop import train_loop
 
-    out = prepare_output_dir(run)
+    out = Path(run.output_dir)
+    if not prepare_output_dir(run):
+        log.info("the run in %s is already complete", out)
+        return out / "adapter"
     _ray_init(run)
     c = run.cluster
     trainer = TorchTrainer(

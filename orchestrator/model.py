@@ -106,19 +106,31 @@ def load_tokenizer(model: ModelConfig):
     return tok
 
 
-def _safetensors_header(path: Path) -> bytes:
+SAMPLES, SAMPLE_BYTES = 32, 64 * 1024
+
+
+def _weights_digest(path: Path, h) -> None:
+    """Header (names, dtypes, shapes) plus 32 slices of 64 KiB spread over the tensor data.
+
+    Headers alone cannot tell a base from its fine-tuned sibling (same shapes, same sizes), and
+    hashing every byte of a 70B checkpoint takes minutes; two checkpoints that differ in their
+    weights differ nearly everywhere, so evenly spread samples catch them in milliseconds."""
+    size = path.stat().st_size
     with path.open("rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return f.read(n)
+        start = 0
+        if path.suffix == ".safetensors":
+            (n,) = struct.unpack("<Q", f.read(8))
+            h.update(f.read(n))
+            start = 8 + n
+        span = max(size - start - SAMPLE_BYTES, 0)
+        for i in range(SAMPLES):
+            f.seek(start + span * i // max(SAMPLES - 1, 1))
+            h.update(f.read(SAMPLE_BYTES))
 
 
 def fingerprint(model: ModelConfig, quant: QuantConfig) -> dict:
-    """Identity of a base: architecture config, tokenizer and chat template, quantization, and the
-    headers (tensor names, dtypes, shapes, offsets) and sizes of its weight files.
-
-    Headers rather than contents keep this O(1) in model size while still telling apart
-    different checkpoints of one architecture (sizes and offsets differ) and dtype conversions.
-    """
+    """Identity of a base: architecture config, tokenizer and chat template, quantization, and
+    its weight files (sizes, safetensors headers and sampled contents; see _weights_digest)."""
     path = Path(model.path)
     h = hashlib.sha256()
     cfg = json.loads((path / "config.json").read_text())
@@ -133,8 +145,7 @@ def fingerprint(model: ModelConfig, quant: QuantConfig) -> dict:
     weights = hashlib.sha256()
     for f in sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin")):
         weights.update(f.name.encode() + str(f.stat().st_size).encode())
-        if f.suffix == ".safetensors":
-            weights.update(_safetensors_header(f))
+        _weights_digest(f, weights)
     parts["weights"] = weights.hexdigest()
     parts["quant"] = hashlib.sha256(json.dumps([quant.kind, quant.double_quant, quant.storage_dtype or model.dtype]).encode()).hexdigest()
     for k in ("config", "tokenizer", "weights", "quant"):

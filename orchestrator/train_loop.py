@@ -182,6 +182,92 @@ def manifest(run: RunConfig, step: int, base_fp: dict) -> dict:
     }
 
 
+STATE_FILE = "trainer_state.json"
+
+
+def resume_point(run: RunConfig) -> Path | None:
+    """The checkpoint to continue from: the newest committed one in output_dir (also after Ray
+    restarts the worker group), else an explicit resume path, else none."""
+    if run.resume == "never":
+        return None
+    found = checkpoint.newest(Path(run.output_dir) / "checkpoints")
+    if found is None and run.resume != "auto":
+        found = Path(run.resume)
+    return found
+
+
+class BaseMismatch(RuntimeError):
+    """An adapter meets a base other than the one it was trained on."""
+
+
+def check_base(manifest_path: Path, current: dict) -> None:
+    saved = json.loads(manifest_path.read_text())["base_fingerprint"]
+    if saved["sha256"] != current["sha256"]:
+        differs = [k for k in current["parts"] if saved["parts"].get(k) != current["parts"][k]]
+        raise BaseMismatch(
+            f"{manifest_path.parent} was trained on a different base: its {', '.join(differs)} differ from "
+            "model.path's (architecture config, tokenizer/chat template, weight files, or quantization)"
+        )
+
+
+def restore_adapter(peft_model, ckpt: Path, expected: dict, base_fp: dict) -> None:
+    """Load step-<N>/adapter into the model, after checking it belongs to this base; any missing
+    or unexpected key is an error."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    check_base(ckpt / "adapter" / "manifest.json", base_fp)
+    saved = load_file(ckpt / "adapter" / "adapter_model.safetensors")
+    missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing or extra:
+        raise adapters.AdapterIntegrityError(f"{ckpt}: adapter keys do not match this run's adapter (missing {missing[:5]}, unexpected {extra[:5]})")
+    set_peft_model_state_dict(peft_model, saved)
+
+
+def trim_metrics(out: Path, step: int) -> None:
+    """Drop metrics logged after the checkpoint we resume from, so each step appears once."""
+    path = out / "metrics.jsonl"
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def save_state(state_dir: Path, step: int, run: RunConfig, d: Dist, strategy, model, optimizer, scheduler) -> None:
+    """Everything needed to continue exactly: optimizer (by the strategy), scheduler, step, and
+    every rank's RNG states. The data position is the step itself (the sampler is seekable)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if d.world > 1:
+        dist.barrier()
+    strategy.save_state(model, optimizer, state_dir)
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save(rng, state_dir / f"rng-{d.rank}.pt")
+    if d.rank == 0:
+        torch.save(scheduler.state_dict(), state_dir / "scheduler.pt")
+        (state_dir / STATE_FILE).write_text(json.dumps({
+            "step": step, "world_size": d.world, "strategy": run.strategy.name, "global_batch": run.global_batch(),
+        }) + "\n")
+
+
+def resume_state(ckpt: Path, run: RunConfig, d: Dist, strategy, model, optimizer, scheduler) -> int:
+    state_dir = ckpt / "state"
+    meta = json.loads((state_dir / STATE_FILE).read_text())
+    if run.strategy.name.startswith("zero") and meta["world_size"] != d.world:
+        raise RuntimeError(
+            f"{ckpt} was written by {meta['world_size']} DeepSpeed workers; its optimizer partitions cannot be loaded "
+            f"by {d.world}. Resume with cluster.num_workers={meta['world_size']}, or use strategy=fsdp/ddp, whose "
+            "state loads on any number of workers"
+        )
+    strategy.load_state(model, optimizer, state_dir)
+    scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", weights_only=False))
+    rng_file = state_dir / f"rng-{d.rank}.pt"
+    if rng_file.is_file():  # a worker that did not exist before keeps its fresh seed
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return int(meta["step"])
+
+
 def train_loop(config: dict) -> None:
     run = to_typed(config["run"], RunConfig)
     d = Dist.current(run.cluster.use_gpu)
@@ -199,18 +285,32 @@ def train_loop(config: dict) -> None:
     peft_model = adapters.attach_adapter(base, run.adapter)
     expected = adapters.adapter_shapes(peft_model)
     n_trainable, n_total = peft_model.get_nb_trainable_parameters()
+    out = Path(run.output_dir)
+    if d.rank == 0:
+        for torn in checkpoint.clean_torn(out / "checkpoints"):
+            log.warning("removed incomplete checkpoint %s (never committed)", torn)
+    if d.world > 1:
+        dist.barrier()
+    base_fp = fingerprint(run.model, run.quant)
+    ckpt = resume_point(run)
+    if ckpt is not None:
+        restore_adapter(peft_model, ckpt, expected, base_fp)
     model, optimizer = strategy.prepare(peft_model, lambda ps: build_optimizer(ps, run.optim, run.trainer.lr))
     model.train()
 
     sampler = GlobalBatchSampler(len(train), run.trainer.micro_batch_size, run.trainer.grad_accum, d.world, d.rank, run.trainer.seed)
     steps = total_steps(run, sampler)
     scheduler = build_scheduler(optimizer, run.optim, steps)
+    start = 0
+    if ckpt is not None:
+        start = resume_state(ckpt, run, d, strategy, model, optimizer, scheduler)
+        log.info("resuming from %s at step %d", ckpt, start)
     held = strategy.param_bytes(model)
     frozen_per_worker = d.all_reduce(torch.tensor(float(held["frozen"])), op=dist.ReduceOp.MAX).item()
 
-    out = Path(run.output_dir)
-    tracker = Tracker(run, steps) if d.rank == 0 else NullTracker()
-    base_fp = fingerprint(run.model, run.quant) if d.rank == 0 else {}
+    if d.rank == 0:
+        trim_metrics(out, start)
+    tracker = Tracker(run, steps, start) if d.rank == 0 else NullTracker()
     log.info(
         "trainable params: %d of %d (%.3f%%) | strategy=%s workers=%d | base bytes per worker: %d (frozen) | "
         "%d train rows, %d eval rows, %d steps of %d sequences",
@@ -219,17 +319,30 @@ def train_loop(config: dict) -> None:
     )
     tracker.summary({"trainable_params": n_trainable, "total_params": n_total, "param_bytes_per_worker": frozen_per_worker})
 
-    def save(target: Path, step: int, subdir: str = "") -> None:
-        state = strategy.adapter_state_dict(model)  # collective for sharded adapters
+    def save(target: Path, step: int, with_state: bool) -> None:
+        """Adapter (rank 0) and, for step checkpoints, the training state (all ranks) into one
+        staging directory, published and marked committed only once everyone has written."""
+        adapter_state = strategy.adapter_state_dict(model)  # collective for sharded adapters
+        tmp = checkpoint.stage(target) if d.rank == 0 else checkpoint.staging_dir(target)
+        if d.world > 1:
+            dist.barrier()
         if d.rank == 0:
-            write = lambda tmp: adapters.save_adapter(peft_model, state, expected, tmp / subdir, manifest(run, step, base_fp))  # noqa: E731
-            checkpoint.commit(target, write)
+            adapter_dir = tmp / "adapter" if with_state else tmp
+            adapters.save_adapter(peft_model, adapter_state, expected, adapter_dir, manifest(run, step, base_fp))
+        if with_state:
+            save_state(tmp / "state", step, run, d, strategy, model, optimizer, scheduler)
+        if d.world > 1:
+            dist.barrier()
+        if d.rank == 0:
+            checkpoint.publish(tmp, target)
+            if with_state:
+                checkpoint.prune(out / "checkpoints", run.trainer.keep_last)
         if d.world > 1:
             dist.barrier()
 
     failed = True
     try:
-        for step in range(steps):
+        for step in range(start, steps):
             t0 = time.perf_counter()
             n_target = target_tokens(train, sampler.all_step_indices(step))
             n_seen = sum(len(train[i][0]) for i in sampler.all_step_indices(step))
@@ -257,11 +370,11 @@ def train_loop(config: dict) -> None:
             if run.trainer.eval_every and done % run.trainer.eval_every == 0 and done != steps:
                 tracker.log(done, evaluate(model, evals, d, run.trainer.micro_batch_size, tokenizer.pad_token_id))
             if run.trainer.save_every and done % run.trainer.save_every == 0:
-                save(out / "checkpoints" / f"step-{done}", done, subdir="adapter")
+                save(out / "checkpoints" / f"step-{done}", done, with_state=True)
         final_eval = evaluate(model, evals, d, run.trainer.micro_batch_size, tokenizer.pad_token_id)
         if final_eval:
             tracker.log(steps, final_eval)
-        save(out / "adapter", steps)
+        save(out / "adapter", steps, with_state=False)
         failed = False
     finally:
         tracker.finish(failed)

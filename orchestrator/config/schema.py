@@ -188,6 +188,9 @@ class RunConfig:
     """Directory of this run: config, metrics, checkpoints, final adapter."""
     name: Optional[str] = None
     """Human-readable run name (used for W&B and Ray)."""
+    resume: str = "auto"
+    """auto: continue from the newest committed checkpoint in output_dir, if any. never: refuse an
+    output_dir that holds checkpoints. A path: start from that committed step-<N> checkpoint."""
 
     def global_batch(self) -> int:
         t = self.trainer

@@ -49,6 +49,12 @@ def _static(run: RunConfig) -> list[str]:
         f"strategy=single runs one process but cluster.num_workers={c.num_workers}; "
         "set cluster.num_workers=1, or use strategy=fsdp or strategy=ddp for several workers",
     )
+    if run.resume not in ("auto", "never"):
+        from orchestrator.checkpoint import is_committed
+
+        if not is_committed(Path(run.resume)):
+            p.append(f"resume: {run.resume} is not a committed checkpoint (a step-<N> directory with a COMMITTED marker); "
+                     "valid: auto, never, or such a directory")
     q = run.quant
     if q.kind == "nf4" and q.storage_dtype not in (None, run.model.dtype) and run.strategy.name == "fsdp":
         p.append(
@@ -197,7 +203,35 @@ def _resources(run: RunConfig) -> list[str]:
     probe = next((q for q in [out, *out.parents] if q.exists()), None)
     if probe is None or not os.access(probe, os.W_OK):
         p.append(f"output_dir: {out} cannot be created ({probe} is not writable)")
+    else:
+        import shutil
+
+        need, free = _checkpoint_bytes(run), shutil.disk_usage(probe).free
+        if free < need:
+            p.append(f"output_dir: {probe} has {free / 2**30:.2f} GiB free but the run's checkpoints need about "
+                     f"{need / 2**30:.2f} GiB; free space or choose another output_dir")
     return p
+
+
+def _checkpoint_bytes(run: RunConfig) -> int:
+    """Rough disk need: per kept checkpoint the fp32 adapter, its optimizer state (two fp32 moments)
+    and a margin, for the final adapter plus keep_last (or every) step checkpoint."""
+    from orchestrator.model import load_model_config
+
+    try:
+        cfg = load_model_config(run.model)
+    except Exception:  # noqa: BLE001 - reported by the model checks
+        return 0
+    h = getattr(cfg, "hidden_size", 0)
+    inter = getattr(cfg, "intermediate_size", 4 * h)
+    layers = getattr(cfg, "num_hidden_layers", 0)
+    per_layer = run.adapter.r * (4 * 2 * h + 3 * (h + inter))  # upper bound: q,k,v,o and the MLP
+    adapter = per_layer * layers * 4
+    t = run.trainer
+    step_checkpoints = 0
+    if t.save_every:
+        step_checkpoints = t.keep_last or max(1, t.max_steps // t.save_every)
+    return int(adapter * 3 * (1 + step_checkpoints) * 1.2)
 
 
 def validate(run: RunConfig, environment: bool = True) -> RunConfig:

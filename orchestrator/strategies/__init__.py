@@ -8,6 +8,7 @@ it plus one conf/strategy/*.yaml.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
@@ -39,6 +40,12 @@ class Strategy(Protocol):
 
     def param_bytes(self, model: nn.Module) -> dict[str, int]:
         """Bytes of frozen and trainable parameters this worker holds."""
+
+    def save_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state_dir: Path) -> None:
+        """Write the optimizer state for resuming into state_dir. Collective."""
+
+    def load_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state_dir: Path) -> None:
+        """Restore what save_state wrote (adapter weights are restored by the loop). Collective."""
 
 
 def build_strategy(run: "RunConfig") -> Strategy:

@@ -262,6 +262,19 @@ class DeepSpeedStrategy:
                 return p.data.detach().clone()
         return p.detach().clone()
 
+    TAG = "zero"
+
+    def save_state(self, model: nn.Module, optimizer, state_dir: Path) -> None:
+        """DeepSpeed's own sharded checkpoint (every rank writes its partitions), adapter only."""
+        self.engine.save_checkpoint(str(state_dir), tag=self.TAG, exclude_frozen_parameters=True, save_latest=False)
+
+    def load_state(self, model: nn.Module, optimizer, state_dir: Path) -> None:
+        path, _ = self.engine.load_checkpoint(
+            str(state_dir), tag=self.TAG, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed state under {state_dir}")
+
     def param_bytes(self, model: nn.Module) -> dict[str, int]:
         """Bytes this worker holds: for ZeRO-3 parameters its partition (ds_tensor), or the whole
         tensor where DeepSpeed keeps it persistent (below param_persistence_threshold)."""

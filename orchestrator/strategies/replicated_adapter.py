@@ -14,6 +14,7 @@ its reentrant-checkpointing pitfalls.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -81,3 +82,12 @@ class ReplicatedAdapterStrategy:
 
     def param_bytes(self, model: nn.Module) -> dict[str, int]:
         return local_param_bytes(model)
+
+    # Every worker holds the same optimizer state, so one copy is saved and any number of
+    # workers can load it: resuming on a different worker count needs no resharding.
+    def save_state(self, model: nn.Module, optimizer, state_dir: Path) -> None:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            torch.save(optimizer.state_dict(), state_dir / "optimizer.pt")
+
+    def load_state(self, model: nn.Module, optimizer, state_dir: Path) -> None:
+        optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=False))
