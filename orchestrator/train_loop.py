@@ -57,6 +57,10 @@ class Dist:
             torch.cuda.set_device(device)
         return cls(rank, world, local, device)
 
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
     def all_reduce(self, value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         value = value.detach().clone().to(self.device)
         if self.world > 1:
@@ -236,8 +240,6 @@ def save_state(state_dir: Path, step: int, run: RunConfig, d: Dist, strategy, mo
     """Everything needed to continue exactly: optimizer (by the strategy), scheduler, step, and
     every rank's RNG states. The data position is the step itself (the sampler is seekable)."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    if d.world > 1:
-        dist.barrier()
     strategy.save_state(model, optimizer, state_dir)
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     torch.save(rng, state_dir / f"rng-{d.rank}.pt")
@@ -289,8 +291,7 @@ def train_loop(config: dict) -> None:
     if d.rank == 0:
         for torn in checkpoint.clean_torn(out / "checkpoints"):
             log.warning("removed incomplete checkpoint %s (never committed)", torn)
-    if d.world > 1:
-        dist.barrier()
+    d.barrier()
     base_fp = fingerprint(run.model, run.quant)
     ckpt = resume_point(run)
     if ckpt is not None:
@@ -324,34 +325,32 @@ def train_loop(config: dict) -> None:
         staging directory, published and marked committed only once everyone has written."""
         adapter_state = strategy.adapter_state_dict(model)  # collective for sharded adapters
         tmp = checkpoint.stage(target) if d.rank == 0 else checkpoint.staging_dir(target)
-        if d.world > 1:
-            dist.barrier()
+        d.barrier()
         if d.rank == 0:
             adapter_dir = tmp / "adapter" if with_state else tmp
             adapters.save_adapter(peft_model, adapter_state, expected, adapter_dir, manifest(run, step, base_fp))
         if with_state:
             save_state(tmp / "state", step, run, d, strategy, model, optimizer, scheduler)
-        if d.world > 1:
-            dist.barrier()
+        d.barrier()
         if d.rank == 0:
             checkpoint.publish(tmp, target)
             if with_state:
                 checkpoint.prune(out / "checkpoints", run.trainer.keep_last)
-        if d.world > 1:
-            dist.barrier()
+        d.barrier()
 
     failed = True
     try:
         for step in range(start, steps):
             t0 = time.perf_counter()
-            n_target = target_tokens(train, sampler.all_step_indices(step))
-            n_seen = sum(len(train[i][0]) for i in sampler.all_step_indices(step))
+            global_rows = sampler.all_step_indices(step)
+            n_target = target_tokens(train, global_rows)
+            n_seen = sum(len(train[i][0]) for i in global_rows)
             loss = torch.zeros((), device=d.device)
             for micro in sampler.step_indices(step):
                 batch = {k: v.to(d.device) for k, v in collate([train[i] for i in micro], tokenizer.pad_token_id).items()}
-                out_ = model(**batch, num_items_in_batch=max(n_target, 1))
-                strategy.backward(out_.loss)
-                loss += out_.loss.detach().float()
+                result = model(**batch, num_items_in_batch=max(n_target, 1))
+                strategy.backward(result.loss)
+                loss += result.loss.detach().float()
             grad_norm = strategy.optimizer_step(optimizer, run.optim.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()

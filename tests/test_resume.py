@@ -108,9 +108,12 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, demo_root, strategy, d
         proc = start(one, *extra, f"resume={out / 'checkpoints' / 'step-5'}", "cluster.num_workers=1",
                      "strategy=single", "trainer.micro_batch_size=8")
         finish(proc, one)
-        c = adapter(one)
-        for k in a:  # one process sums the batch in another order: equal to rounding
-            torch.testing.assert_close(c[k], a[k], rtol=1e-5, atol=1e-7)
+        # ...and the reverse: that 1-worker run's step-10 checkpoint resumed on 2 workers.
+        two = tmp_path / "two-workers"
+        finish(start(two, *extra, f"resume={one / 'checkpoints' / 'step-10'}"), two)
+        for resharded in (adapter(one), adapter(two)):
+            for k in a:  # one process sums the batch in another order: equal to rounding
+                torch.testing.assert_close(resharded[k], a[k], rtol=1e-5, atol=1e-7)
 
 
 def test_different_run_in_same_output_dir_is_refused(tmp_path, demo_root):
