@@ -126,3 +126,23 @@ def test_cli_prints_composed_config(tmp_path, demo_root):
     r = _cli("train", "experiment=demo", "adapter.r=4", "--cfg", "job", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "r: 4" in r.stdout and "kind: nf4" in r.stdout and "name: fsdp" in r.stdout
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 512 KiB filesystem, to run out of space for real."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_too_little_disk_for_the_checkpoints_is_refused(tiny_disk, demo_root):
+    run = compose(["experiment=demo", f"output_dir={tiny_disk / 'run'}"])  # 3 step checkpoints + the adapter
+    with pytest.raises(ConfigError) as e:
+        validate(run)
+    assert len(e.value.problems) == 1 and "KiB free but the run's checkpoints need about" in e.value.problems[0]
+    validate(compose(["experiment=demo", f"output_dir={tiny_disk / 'run'}", "trainer.save_every=0", "adapter.r=2"]))

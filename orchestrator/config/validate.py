@@ -208,9 +208,17 @@ def _resources(run: RunConfig) -> list[str]:
 
         need, free = _checkpoint_bytes(run), shutil.disk_usage(probe).free
         if free < need:
-            p.append(f"output_dir: {probe} has {free / 2**30:.2f} GiB free but the run's checkpoints need about "
-                     f"{need / 2**30:.2f} GiB; free space or choose another output_dir")
+            p.append(f"output_dir: {probe} has {_human(free)} free but the run's checkpoints need about "
+                     f"{_human(need)}; free space, lower trainer.keep_last, or choose another output_dir")
     return p
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def _checkpoint_bytes(run: RunConfig) -> int:
