@@ -67,7 +67,10 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
         if "loss" in row:
-            self.bar.set_description(f"train loss={row['loss']:.4f} lr={row.get('lr', math.nan):.2e}")
+            self.bar.set_description(
+                f"train loss={row['loss']:.4f} lr={row.get('lr', math.nan):.2e} gnorm={row.get('grad_norm', math.nan):.3f} "
+                f"tok/s={row.get('tokens_per_s', math.nan):.0f} peak={row.get('peak_memory_bytes', 0) / 2**20:.0f}MiB"
+            )
 
     def advance(self, n: int = 1) -> None:
         self.bar.update(n)

@@ -47,7 +47,8 @@ def ray_local():
     """One local Ray instance shared by every test that trains (starting Ray costs ~10 s)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    # Worker logs stay in Ray's session logs: a failed run's error reaches the test through RunFailed.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
