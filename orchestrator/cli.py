@@ -25,17 +25,29 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+_failed_runs: list[str] = []
+
+
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def _train_task(cfg) -> None:
-    # Errors are reported here, not raised: Hydra would print them as tracebacks.
+    # Errors are reported here, not raised: Hydra would print them as tracebacks. In a multirun a
+    # failed run is logged (into its own train.log too) and the sweep goes on with the next one.
     from orchestrator.config import ConfigError
     from orchestrator.driver import RunFailed
 
     try:
         _train(cfg)
-    except ConfigError as e:
-        _fail(str(e), 2)
-    except (RunFailed, FileExistsError) as e:
-        _fail(str(e), 1)
+    except (ConfigError, RunFailed, FileExistsError) as e:
+        if not _multirun():
+            _fail(str(e), 2 if isinstance(e, ConfigError) else 1)
+        logging.getLogger("orchestrator").error("error: %s", e)
+        _failed_runs.append(f"{cfg.get('output_dir', '?')}: {str(e).splitlines()[0]}")
 
 
 def _train(cfg) -> None:
@@ -54,13 +66,21 @@ def _train(cfg) -> None:
         raise ConfigError(_pending_problems + e.problems) from None
     if _pending_problems:
         raise ConfigError(_pending_problems)
+    if _multirun():
+        # Every run of a sweep shares a W&B group and is named by its overrides.
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        run.tracking.group = run.tracking.group or hc.sweep.dir
+        run.tracking.name = run.tracking.name or hc.job.override_dirname or run.name
     adapter = driver.train(run)
     print(f"adapter written to {adapter}")
 
 
-def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
-    """(plain overrides, Hydra's own flags and hydra.* overrides)."""
-    overrides, flags = [], []
+def _split_args(args: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(run overrides, hydra.* overrides, Hydra's own flags): only run overrides are checked
+    against conf/, and flags must come before all overrides for Hydra's argument parser."""
+    overrides, hydra_overrides, flags = [], [], []
     it = iter(args)
     for a in it:
         if a.startswith("-"):
@@ -68,10 +88,10 @@ def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
             if a in HYDRA_FLAGS_WITH_VALUE and "=" not in a:
                 flags.append(next(it, ""))
         elif a.startswith(("hydra.", "hydra/", "+hydra")):
-            flags.append(a)
+            hydra_overrides.append(a)
         else:
             overrides.append(a)
-    return overrides, flags
+    return overrides, hydra_overrides, flags
 
 
 def train(args: list[str]) -> None:
@@ -79,15 +99,17 @@ def train(args: list[str]) -> None:
 
     from orchestrator.config import CONF_DIR, ConfigError, check_group_overrides
 
-    overrides, flags = _split_args(args)
+    overrides, hydra_overrides, flags = _split_args(args)
     usable, problems = check_group_overrides(overrides)
     _pending_problems[:] = problems
     if problems and any(f in ("--cfg", "-c") for f in flags):
         _fail(str(ConfigError(problems)))
 
     task = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_train_task)
-    sys.argv = ["orchestrator-train", *usable, *flags]
+    sys.argv = ["orchestrator-train", *flags, *usable, *hydra_overrides]
     task()
+    if _failed_runs:
+        _fail(f"{len(_failed_runs)} run(s) of the sweep failed:\n  " + "\n  ".join(_failed_runs), 1)
 
 
 def merge(args: list[str]) -> None:
