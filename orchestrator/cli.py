@@ -13,6 +13,8 @@ commands:
                             --cfg job prints the composed config, -m runs a Hydra multirun
   merge adapter=DIR output=DIR [base=DIR] [dtype=bf16|fp32]
                             merge an adapter into its base and write a Hugging Face model
+  sweep report SWEEP_DIR    summarise a multirun (multirun/<date>/<time>): table on the terminal,
+                            report.csv/.md and loss/heatmap plots in SWEEP_DIR/report/
 """
 
 HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--info"}
@@ -132,6 +134,22 @@ def merge(args: list[str]) -> None:
     print(f"merged model written to {out}")
 
 
+def sweep(args: list[str]) -> None:
+    if len(args) != 2 or args[0] != "report":
+        _fail(f"sweep: expected `sweep report SWEEP_DIR`, got {' '.join(args) or 'nothing'}\n{USAGE}")
+    from orchestrator import report
+
+    sweep_dir = Path(args[1])
+    if not sweep_dir.is_dir():
+        _fail(f"sweep report: {sweep_dir} {'is not a directory' if sweep_dir.exists() else 'does not exist'}")
+    rows = report.collect(sweep_dir)
+    if not rows:
+        _fail(f"sweep report: no runs in {sweep_dir} (no directory with config.yaml or .hydra/overrides.yaml)")
+    report.print_table(rows)
+    paths = report.write_report(sweep_dir, rows)
+    print("report written to:\n" + "\n".join(f"  {p}" for p in paths.values()))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     logging.getLogger("orchestrator").setLevel(logging.INFO)
@@ -143,4 +161,6 @@ def main(argv: list[str] | None = None) -> None:
         return train(rest)
     if command == "merge":
         return merge(rest)
+    if command == "sweep":
+        return sweep(rest)
     _fail(f"unknown command {command!r}\n{USAGE}")
