@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from orchestrator.config.schema import RunConfig, as_dict
+from orchestrator.config.schema import RunConfig, as_dict, flatten
 
 log = logging.getLogger("orchestrator")
 
@@ -21,18 +21,8 @@ class RunFailed(RuntimeError):
 RESUMABLE_CHANGES = ("output_dir", "resume", "name", "cluster.", "tracking.", "trainer.micro_batch_size", "trainer.grad_accum")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_differences(old: dict, new: RunConfig) -> list[str]:
-    a, b = _flat(old), _flat(as_dict(new))
+    a, b = flatten(old), flatten(as_dict(new))
     diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
              if not k.startswith(RESUMABLE_CHANGES) and a.get(k) != b.get(k)]
     t, c = old.get("trainer", {}), old.get("cluster", {})

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from orchestrator.config.schema import RunConfig, StrategyConfig
+from orchestrator.config.schema import RunConfig, StrategyConfig, flatten
 from orchestrator.strategies import OptimizerFactory
 
 STAGES = {"zero2": 2, "zero3": 3, "zero3_offload": 3}
@@ -33,17 +33,6 @@ STAGES = {"zero2": 2, "zero3": 3, "zero3_offload": 3}
 
 class DeepSpeedConfigConflict(ValueError):
     """A user DeepSpeed JSON contradicts what the run configuration sets."""
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -56,13 +45,13 @@ def merge_user_config(generated: dict, user: dict, source: str = "strategy.ds_co
     """generated + user, where every leaf the user sets must either be absent from `generated`
     or equal to it. All conflicts are reported in one error. Precision sections the run turns off
     (e.g. user bf16 on an fp32 run) conflict too."""
-    gen_flat, user_flat = _flatten(generated), _flatten(user)
+    gen_flat, user_flat = flatten(generated), flatten(user)
     conflicts = []
     for key, uval in user_flat.items():
         if key in gen_flat and not _same(gen_flat[key], uval):
             conflicts.append(f"{key}: run sets {gen_flat[key]!r}, {source} sets {uval!r}")
     for section in ("bf16", "fp16"):
-        if section not in generated and _flatten({section: user.get(section, {})}).get(f"{section}.enabled") is True:
+        if section not in generated and flatten({section: user.get(section, {})}).get(f"{section}.enabled") is True:
             conflicts.append(f"{section}.enabled: run sets false (model.dtype), {source} sets True")
     if conflicts:
         raise DeepSpeedConfigConflict(
