@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -88,7 +89,9 @@ def train(run: RunConfig) -> Path:
 
     from orchestrator.train_loop import train_loop
 
-    out = Path(run.output_dir)
+    # Workers may run with another working directory (on other nodes, surely): absolute paths only.
+    out = Path(run.output_dir).resolve()
+    run = dataclasses.replace(run, output_dir=str(out))
     if not prepare_output_dir(run):
         log.info("the run in %s is already complete", out)
         return out / "adapter"
@@ -105,7 +108,7 @@ def train(run: RunConfig) -> Path:
         ),
         run_config=ray.train.RunConfig(
             name=run.name or out.name,
-            storage_path=str((out / "ray").resolve()),
+            storage_path=str(out / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=c.max_failures),
         ),
     )
