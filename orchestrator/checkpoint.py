@@ -7,6 +7,7 @@ fsynced). A directory without the marker is a torn write: it is never used.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -104,11 +105,24 @@ def step_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def prune(checkpoints_dir: Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` committed checkpoints (0 keeps all)."""
+def eval_loss(ckpt: Path) -> float | None:
+    """The eval loss recorded with a step checkpoint, if its step was evaluated."""
+    state = ckpt / "state" / "trainer_state.json"
+    return json.loads(state.read_text()).get("eval_loss") if state.is_file() else None
+
+
+def prune(checkpoints_dir: Path, keep_last: int, keep_best: bool = False) -> list[Path]:
+    """Delete all but the newest `keep_last` committed checkpoints (0 keeps all), and with
+    keep_best also spare the one with the lowest recorded eval loss."""
     if keep_last <= 0:
         return []
-    old = [p for _, p in step_checkpoints(checkpoints_dir)[:-keep_last]]
+    found = [p for _, p in step_checkpoints(checkpoints_dir)]
+    keep = set(found[-keep_last:])
+    if keep_best:
+        scored = [(loss, p) for p in found if (loss := eval_loss(p)) is not None]
+        if scored:
+            keep.add(min(scored)[1])
+    old = [p for p in found if p not in keep]
     for p in old:
         (p / MARKER).unlink()  # uncommit first, so a crash mid-delete leaves no half checkpoint that looks valid
         shutil.rmtree(p)

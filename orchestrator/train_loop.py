@@ -236,7 +236,8 @@ def trim_metrics(out: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in keep))
 
 
-def save_state(state_dir: Path, step: int, run: RunConfig, d: Dist, strategy, model, optimizer, scheduler) -> None:
+def save_state(state_dir: Path, step: int, run: RunConfig, d: Dist, strategy, model, optimizer, scheduler,
+               eval_loss: float | None = None) -> None:
     """Everything needed to continue exactly: optimizer (by the strategy), scheduler, step, and
     every rank's RNG states. The data position is the step itself (the sampler is seekable)."""
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -247,6 +248,7 @@ def save_state(state_dir: Path, step: int, run: RunConfig, d: Dist, strategy, mo
         torch.save(scheduler.state_dict(), state_dir / "scheduler.pt")
         (state_dir / STATE_FILE).write_text(json.dumps({
             "step": step, "world_size": d.world, "strategy": run.strategy.name, "global_batch": run.global_batch(),
+            "eval_loss": eval_loss,
         }) + "\n")
 
 
@@ -320,7 +322,7 @@ def train_loop(config: dict) -> None:
     )
     tracker.summary({"trainable_params": n_trainable, "total_params": n_total, "param_bytes_per_worker": frozen_per_worker})
 
-    def save(target: Path, step: int, with_state: bool) -> None:
+    def save(target: Path, step: int, with_state: bool, eval_loss: float | None = None) -> None:
         """Adapter (rank 0) and, for step checkpoints, the training state (all ranks) into one
         staging directory, published and marked committed only once everyone has written."""
         adapter_state = strategy.adapter_state_dict(model)  # collective for sharded adapters
@@ -330,12 +332,12 @@ def train_loop(config: dict) -> None:
             adapter_dir = tmp / "adapter" if with_state else tmp
             adapters.save_adapter(peft_model, adapter_state, expected, adapter_dir, manifest(run, step, base_fp))
         if with_state:
-            save_state(tmp / "state", step, run, d, strategy, model, optimizer, scheduler)
+            save_state(tmp / "state", step, run, d, strategy, model, optimizer, scheduler, eval_loss)
         d.barrier()
         if d.rank == 0:
             checkpoint.publish(tmp, target)
             if with_state:
-                checkpoint.prune(out / "checkpoints", run.trainer.keep_last)
+                checkpoint.prune(out / "checkpoints", run.trainer.keep_last, run.trainer.keep_best)
         d.barrier()
 
     failed = True
@@ -366,10 +368,12 @@ def train_loop(config: dict) -> None:
                     "target_tokens": n_target, "peak_memory_bytes": peak, "param_bytes_per_worker": frozen_per_worker,
                     "epoch": step // sampler.steps_per_epoch,
                 })
+            evaluated = {}
             if run.trainer.eval_every and done % run.trainer.eval_every == 0 and done != steps:
-                tracker.log(done, evaluate(model, evals, d, run.trainer.micro_batch_size, tokenizer.pad_token_id))
+                evaluated = evaluate(model, evals, d, run.trainer.micro_batch_size, tokenizer.pad_token_id)
+                tracker.log(done, evaluated)
             if run.trainer.save_every and done % run.trainer.save_every == 0:
-                save(out / "checkpoints" / f"step-{done}", done, with_state=True)
+                save(out / "checkpoints" / f"step-{done}", done, with_state=True, eval_loss=evaluated.get("eval_loss"))
         final_eval = evaluate(model, evals, d, run.trainer.micro_batch_size, tokenizer.pad_token_id)
         if final_eval:
             tracker.log(steps, final_eval)

@@ -125,3 +125,15 @@ def test_other_architectures_train_through_model_path(train_run, demo_model, tmp
     adapted = {name.rsplit(".", 1)[-1] for name in cfg["target_modules"]}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert len(train_losses(out)) == 3
+
+
+def test_keep_last_and_keep_best_prune_step_checkpoints(train_run):
+    from orchestrator import checkpoint
+
+    out = train_run("trainer.max_steps=8", "trainer.save_every=2", "trainer.eval_every=2", "trainer.keep_last=1",
+                    "trainer.keep_best=true", name="prune")
+    evals = {m["step"]: m["eval_loss"] for m in read_metrics(out) if "eval_loss" in m and m["step"] < 8}
+    best = min(evals, key=evals.get)
+    kept = [n for n, _ in checkpoint.step_checkpoints(out / "checkpoints")]
+    assert kept == sorted({best, 8}), (kept, evals)
+    assert checkpoint.eval_loss(out / "checkpoints" / f"step-{best}") == evals[best]

@@ -135,6 +135,9 @@ class TrainerConfig:
     """Evaluate every N steps; 0 evaluates only at the end (when there is an eval split)."""
     keep_last: int = 0
     """Keep only the newest N step checkpoints; 0 keeps all."""
+    keep_best: bool = False
+    """With keep_last, also keep the step checkpoint with the lowest eval loss (checkpoints whose
+    step has an eval, i.e. save_every a multiple of eval_every)."""
 
 
 @dataclass
