@@ -55,12 +55,11 @@ def _static(run: RunConfig) -> list[str]:
         if not is_committed(Path(run.resume)):
             p.append(f"resume: {run.resume} is not a committed checkpoint (a step-<N> directory with a COMMITTED marker); "
                      "valid: auto, never, or such a directory")
-    q = run.quant
-    if q.kind == "nf4" and q.storage_dtype not in (None, run.model.dtype) and run.strategy.name == "fsdp":
+    q, name = run.quant, run.strategy.name
+    if q.kind == "nf4" and q.storage_dtype not in (None, run.model.dtype) and name in SHARDS_BASE:
         p.append(
-            f"quant.storage_dtype={q.storage_dtype} with model.dtype={run.model.dtype} under strategy=fsdp: "
-            "FSDP flattens each layer's parameters into one buffer of one dtype; set quant.storage_dtype=null "
-            "(same as model.dtype)"
+            f"quant.storage_dtype={q.storage_dtype} with model.dtype={run.model.dtype} under strategy={name}: "
+            f"{SHARDS_BASE[name]}; set quant.storage_dtype=null (same as model.dtype)"
         )
     p += _deepspeed_static(run)
     if run.model.dtype == "fp16" and not c.use_gpu:
@@ -69,10 +68,16 @@ def _static(run: RunConfig) -> list[str]:
 
 
 DEEPSPEED = ("zero2", "zero3", "zero3_offload")
+# Why each strategy that touches the base's storage needs the packed NF4 weights in model.dtype.
+_DS_CAST = "DeepSpeed casts the whole module to the training precision, which would reinterpret the packed 4-bit weights"
+SHARDS_BASE = {
+    "fsdp": "FSDP flattens each layer's parameters into one buffer of one dtype",
+    **{name: _DS_CAST for name in DEEPSPEED},
+}
 
 
 def _deepspeed_static(run: RunConfig) -> list[str]:
-    s, q = run.strategy, run.quant
+    s = run.strategy
     p: list[str] = []
     if s.name not in DEEPSPEED:
         if s.offload:
@@ -93,12 +98,6 @@ def _deepspeed_static(run: RunConfig) -> list[str]:
             p.append(f"strategy.{f}: must be >= 1 element, got {getattr(s, f)}")
     if s.param_persistence_threshold < 0:
         p.append(f"strategy.param_persistence_threshold: must be >= 0, got {s.param_persistence_threshold}")
-    if q.kind == "nf4" and q.storage_dtype not in (None, run.model.dtype):
-        p.append(
-            f"quant.storage_dtype={q.storage_dtype} with model.dtype={run.model.dtype} under strategy={s.name}: "
-            f"DeepSpeed casts the whole module to the training precision ({run.model.dtype}), which would reinterpret "
-            "the packed 4-bit weights; set quant.storage_dtype=null (same as model.dtype)"
-        )
     if run.model.dtype == "fp16":
         p.append(
             f"model.dtype=fp16 under strategy={s.name}: fp16 needs DeepSpeed's dynamic loss scaling, whose skipped "
