@@ -147,8 +147,9 @@ def evaluate(model, examples, d: Dist, micro: int, pad_id: int) -> dict:
             start = b * per_pass + d.rank * micro
             chunk = examples[start : start + micro]
             weight = 1.0 if chunk else 0.0
-            batch = {k: v.to(d.device) for k, v in collate(chunk or examples[:1], pad_id).items()}
-            n = target_tokens(chunk or examples[:1], range(len(chunk or examples[:1])))
+            rows = chunk or examples[:1]  # a stand-in batch keeps this worker in the collectives
+            batch = {k: v.to(d.device) for k, v in collate(rows, pad_id).items()}
+            n = target_tokens(rows, range(len(rows)))
             out = model(**batch, num_items_in_batch=max(n, 1))
             loss_sum += weight * out.loss.double().cpu() * max(n, 1)
             tokens += weight * n
