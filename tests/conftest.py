@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,6 +53,11 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def cli(*args: str, cwd=None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m orchestrator ARGS` as a user runs it, with its output captured."""
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def read_metrics(out: Path) -> list[dict]:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
+from conftest import cli
 from orchestrator.config import CONF_DIR, ConfigError, compose, validate
 from orchestrator.train_loop import check_step, TrainingDiverged
 
@@ -96,20 +95,15 @@ def test_partial_adapter_is_refused():
             check_adapter(bad, expected)
 
 
-def _cli(*args, cwd, env_extra=None):
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
 def test_cli_reports_all_problems_before_any_worker_starts(tmp_path, demo_root):
     out = tmp_path / "out"
-    r = _cli("train", "experiment=demo", f"output_dir={out}", "quant=nf5", "adapter.r=-1", cwd=tmp_path)
+    r = cli("train", "experiment=demo", f"output_dir={out}", "quant=nf5", "adapter.r=-1", cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert "quant=nf5: no such option" in r.stderr and "adapter.r: must be a positive integer, got -1" in r.stderr
     assert "Traceback" not in r.stderr
     assert not out.exists(), "nothing may be written or started for an invalid config"
 
-    r = _cli("train", "experiment=demo", f"output_dir={out}", "adapter.r=-1", "trainer.micro_batch_size=0", cwd=tmp_path)
+    r = cli("train", "experiment=demo", f"output_dir={out}", "adapter.r=-1", "trainer.micro_batch_size=0", cwd=tmp_path)
     assert r.returncode == 2 and "adapter.r: must be a positive integer, got -1" in r.stderr
     assert "trainer.micro_batch_size: must be >= 1" in r.stderr and not out.exists()
 
@@ -117,13 +111,13 @@ def test_cli_reports_all_problems_before_any_worker_starts(tmp_path, demo_root):
 def test_cli_names_bad_data_rows(tmp_path, demo_root):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": ""}\n')
-    r = _cli("train", "experiment=demo", f"data.path={bad}", f"output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    r = cli("train", "experiment=demo", f"data.path={bad}", f"output_dir={tmp_path / 'out'}", cwd=tmp_path)
     assert r.returncode == 2 and f"{bad}:2: empty 'output'" in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
 
 
 def test_cli_prints_composed_config(tmp_path, demo_root):
-    r = _cli("train", "experiment=demo", "adapter.r=4", "--cfg", "job", cwd=tmp_path)
+    r = cli("train", "experiment=demo", "adapter.r=4", "--cfg", "job", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "r: 4" in r.stdout and "kind: nf4" in r.stdout and "name: fsdp" in r.stdout
 

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from orchestrator.data import IGNORE_INDEX, DataError, GlobalBatchSampler, collate, encode_rows, read_rows
 from orchestrator.data.tokenize import alpaca_prompt

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import cli
 from orchestrator.config import ModelConfig, QuantConfig
 from orchestrator.model import load_base
-
-
-def _merge(*args: str, cwd):
-    return subprocess.run([sys.executable, "-m", "orchestrator", "merge", *args], capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
 def test_merged_model_equals_base_plus_adapter(train_run, demo_model, tmp_path):
@@ -21,7 +15,7 @@ def test_merged_model_equals_base_plus_adapter(train_run, demo_model, tmp_path):
 
     run = train_run("trainer.max_steps=8", "trainer.save_every=0", name="qlora")  # NF4 base, as the demo
     merged_dir = tmp_path / "merged"
-    r = _merge(f"adapter={run / 'adapter'}", f"output={merged_dir}", "dtype=fp32", cwd=tmp_path)
+    r = cli("merge", f"adapter={run / 'adapter'}", f"output={merged_dir}", "dtype=fp32", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert list(merged_dir.glob("*.safetensors")) and (merged_dir / "tokenizer_config.json").is_file()
 
@@ -36,7 +30,7 @@ def test_merged_model_equals_base_plus_adapter(train_run, demo_model, tmp_path):
     assert (got - plain).abs().max() > 1e-2, "the merge did not change the model"
     assert not any("lora" in k for k in merged.state_dict())
 
-    again = _merge(f"adapter={run / 'adapter'}", f"output={merged_dir}", cwd=tmp_path)
+    again = cli("merge", f"adapter={run / 'adapter'}", f"output={merged_dir}", cwd=tmp_path)
     assert again.returncode == 1 and "not empty" in again.stderr  # never overwrites
 
 
@@ -47,6 +41,6 @@ def test_merge_refuses_another_base(train_run, demo_model, tmp_path):
     # Same architecture, tokenizer, shapes and file sizes; other weights (a base's fine-tuned sibling).
     other = demo.build_tiny_model(tmp_path / "other", tokenizer_dir=demo_model, seed=1)
     assert (other / "model.safetensors").stat().st_size == (demo_model / "model.safetensors").stat().st_size
-    r = _merge(f"adapter={run / 'adapter'}", f"base={other}", f"output={tmp_path / 'm'}", cwd=tmp_path)
+    r = cli("merge", f"adapter={run / 'adapter'}", f"base={other}", f"output={tmp_path / 'm'}", cwd=tmp_path)
     assert r.returncode == 1 and "not the base" in r.stderr and "weights" in r.stderr, r.stderr
     assert not (tmp_path / "m").exists()

@@ -5,13 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import cli
 from orchestrator import report
 
 HIDDEN, LAYERS, MODULES = 64, 2, ("q_proj", "v_proj")
@@ -156,18 +155,15 @@ def test_run_that_failed_before_writing_its_config(tmp_path):
 
 
 def test_cli(sweep, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", "report", str(sweep)],
-                       capture_output=True, text=True, timeout=120)
+    r = cli("sweep", "report", str(sweep))
     assert r.returncode == 0, r.stderr[-2000:]
     for row in report.collect(sweep):
         assert row["run"] in r.stdout
     assert "loss is nan at step 14" in r.stdout
     assert str(sweep / "report" / "heatmap.png") in r.stdout
 
-    missing = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", "report", str(tmp_path / "nope")],
-                             capture_output=True, text=True, timeout=120)
+    missing = cli("sweep", "report", str(tmp_path / "nope"))
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "does not exist" in missing.stderr
     (tmp_path / "empty").mkdir()
-    empty = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", "report", str(tmp_path / "empty")],
-                           capture_output=True, text=True, timeout=120)
+    empty = cli("sweep", "report", str(tmp_path / "empty"))
     assert empty.returncode == 2 and "no runs" in empty.stderr

@@ -3,7 +3,6 @@ number of workers, and let Ray Train restart a worker group after one worker is 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -17,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_metrics
+from conftest import cli, read_metrics
 
 COMMON = ["experiment=demo", "tracking=none", "data.eval_fraction=0"]
 
@@ -120,8 +119,7 @@ def test_different_run_in_same_output_dir_is_refused(tmp_path, demo_root):
     out = tmp_path / "run"
     finish(start(out, "trainer.max_steps=5", "trainer.save_every=5"), out)
     before = {p: p.stat().st_mtime for p in out.rglob("*") if p.is_file()}
-    proc = subprocess.run([sys.executable, "-m", "orchestrator", "train", *COMMON, f"output_dir={out}", "adapter.r=4"],
-                          capture_output=True, text=True, timeout=300)
+    proc = cli("train", *COMMON, f"output_dir={out}", "adapter.r=4")
     assert proc.returncode == 1 and "adapter.r: 16 -> 4" in proc.stderr, proc.stderr
     assert {p: p.stat().st_mtime for p in out.rglob("*") if p.is_file()} == before  # nothing touched
 

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+from conftest import cli
 
 
 def test_failed_run_does_not_stop_the_sweep(tmp_path, demo_root):
     sweep = tmp_path / "sweep"
-    r = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "train", "-m", "experiment=demo", "adapter.r=0,4", "trainer.max_steps=2",
-         "trainer.save_every=0", "tracking=none", f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )
+    r = cli("train", "-m", "experiment=demo", "adapter.r=0,4", "trainer.max_steps=2", "trainer.save_every=0",
+            "tracking=none", f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=600)
     assert r.returncode == 1, r.stderr[-2000:]
     assert "1 run(s) of the sweep failed" in r.stderr and "adapter.r: must be a positive integer, got 0" in r.stdout + r.stderr
     runs = {p.name: p for p in sweep.iterdir() if p.is_dir()}
@@ -29,17 +25,13 @@ def test_real_sweep_and_its_report(tmp_path, demo_root):
     from orchestrator import report
 
     sweep = tmp_path / "sweep"
-    r = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "train", "-m", "experiment=demo", "adapter.r=4,8", "adapter.alpha=8,16",
-         "trainer.max_steps=3", "trainer.save_every=0", "trainer.eval_every=2", "tracking=none", f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=900,
-    )
+    r = cli("train", "-m", "experiment=demo", "adapter.r=4,8", "adapter.alpha=8,16", "trainer.max_steps=3",
+            "trainer.save_every=0", "trainer.eval_every=2", "tracking=none", f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     runs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "adapter" / "COMMITTED").is_file())
     assert len(runs) == 4
 
-    out = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", "report", str(sweep)],
-                         capture_output=True, text=True, timeout=120)
+    out = cli("sweep", "report", str(sweep))
     assert out.returncode == 0, out.stderr
     for name in ("report.csv", "report.md", "loss_curves.png", "heatmap.png"):
         assert (sweep / "report" / name).stat().st_size > 0
