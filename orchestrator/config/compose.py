@@ -24,8 +24,36 @@ def _demo(kind: str) -> str:
     return str(paths[kind])
 
 
+def _number(value) -> int | float:
+    if isinstance(value, bool):
+        raise ValueError(f"${{mul:...}}: expected numbers, got {value!r}")
+    if isinstance(value, (int, float)):
+        return value
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"${{mul:...}}: expected numbers, got {value!r}") from None
+
+
+def _mul(*factors) -> int | float:
+    """`${mul:${adapter.r},2}`: the product of its arguments, a number (int if all are ints), so
+    that a coupled field like alpha = 2 * r reaches the typed config as a number, not a string."""
+    product: int | float = 1
+    for f in factors:
+        product *= _number(f)
+    return product
+
+
 if not OmegaConf.has_resolver("demo"):
     OmegaConf.register_new_resolver("demo", _demo)
+if not OmegaConf.has_resolver("mul"):
+    OmegaConf.register_new_resolver("mul", _mul)
+
+# Sweepers a `sweep=` preset may select that are plugins outside hydra-core: (module, pip spec).
+SWEEPER_PLUGINS = {"optuna": ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper==1.3.0")}
 
 
 def group_options() -> dict[str, list[str]]:
@@ -34,6 +62,32 @@ def group_options() -> dict[str, list[str]]:
         for d in sorted(CONF_DIR.iterdir())
         if d.is_dir()
     }
+
+
+def _missing_sweeper_plugin(preset: str) -> str | None:
+    """Problem text if sweep=<preset> selects a sweeper plugin that is not installed (Hydra alone
+    would say "Could not find 'hydra/sweeper/optuna'")."""
+    import importlib.util
+
+    import yaml
+
+    try:
+        text = yaml.safe_load((CONF_DIR / "sweep" / f"{preset}.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    for entry in text.get("defaults") or []:
+        if not isinstance(entry, dict):
+            continue
+        for key, value in entry.items():
+            if str(key).split()[-1].lstrip("/") == "hydra/sweeper" and value in SWEEPER_PLUGINS:
+                module, spec = SWEEPER_PLUGINS[value]
+                try:
+                    found = importlib.util.find_spec(module) is not None
+                except ImportError:
+                    found = False
+                if not found:
+                    return f"sweep={preset}: needs the {value} sweeper plugin, not installed; pip install {spec}"
+    return None
 
 
 def _unknown_field(dotted: str) -> str | None:
@@ -75,6 +129,10 @@ def check_group_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
             bad = [c for c in choices if c is not None and str(c) not in groups[key]]
             if bad:
                 problems.append(f"{key}={','.join(map(str, bad))}: no such option; valid: {', '.join(groups[key])}")
+                continue
+            missing = [m for c in choices if key == "sweep" and c is not None for m in [_missing_sweeper_plugin(str(c))] if m]
+            if missing:
+                problems.extend(missing)
                 continue
         usable.append(text)
     return usable, problems

@@ -1,0 +1,107 @@
+"""`sweep=<name>` presets (conf/sweep/): the sweeper params they set, the alpha = 2 * r coupling
+through the `mul` resolver, the override pre-check, and real multiruns driven by a preset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import cli
+
+from orchestrator.config import CONF_DIR, check_group_overrides, compose
+
+BASIC = {
+    "rank_alpha_2r": {"adapter.r": "4,8,16,32"},
+    "rank_alpha_grid": {"adapter.r": "4,8,16,32", "adapter.alpha": "8,16,32,64"},
+    "lr_rank": {"trainer.lr": "1e-4,3e-4,1e-3,3e-3", "adapter.r": "8,16,32"},
+}
+OPTUNA: dict = {}
+COUPLED = {"rank_alpha_2r", "lr_rank"}  # alpha = 2 * r
+
+
+
+def hydra_compose(*overrides: str):
+    """The composed config with its `hydra` node, as a multirun's sweeper sees it."""
+    from hydra import compose as hc
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hc(config_name="config", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_every_preset_is_tested_and_documented():
+    presets = {p.stem: p.read_text() for p in (CONF_DIR / "sweep").glob("*.yaml")}
+    assert set(presets) == set(BASIC) | set(OPTUNA)
+    for name, text in presets.items():
+        assert text.startswith("# @package _global_\n# "), f"{name}: needs the _global_ package and a comment"
+        assert f"sweep={name}" in text, f"{name}: its comment should show how to use it"
+
+
+@pytest.mark.parametrize("name", sorted(BASIC))
+def test_preset_sets_the_sweeper_params(name):
+    from omegaconf import OmegaConf
+
+    cfg = hydra_compose("experiment=demo", f"sweep={name}")
+    assert OmegaConf.to_container(cfg.hydra.sweeper.params) == BASIC[name]
+    assert cfg.hydra.sweeper._target_.endswith("BasicSweeper")
+    assert "sweep" not in cfg  # the group's content is global: no `sweep` key in the run config
+    # One combination of the grid, as a run of the multirun composes it: a typed, valid config.
+    r = 8
+    run = compose(["experiment=demo", f"sweep={name}", f"adapter.r={r}", "output_dir=/tmp/x"])
+    assert run.adapter.r == r
+    if name in COUPLED:
+        assert run.adapter.alpha == 2 * r and isinstance(run.adapter.alpha, (int, float))
+    else:
+        assert run.adapter.alpha == 32  # the experiment's
+
+
+def test_mul_resolver_gives_numbers():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"r": 8, "s": "8", "x": 0.5, "a": "${mul:${r},2}", "b": "${mul:${s},2}",
+                            "c": "${mul:${r},${x}}", "bad": "${mul:${r},two}"})
+    assert cfg.a == 16 and type(cfg.a) is int
+    assert cfg.b == 16 and type(cfg.b) is int  # a string from the command line is still a number
+    assert cfg.c == 4.0
+    with pytest.raises(Exception, match="expected numbers"):
+        _ = cfg.bad
+
+
+def test_override_check_accepts_presets_and_lists_them_for_an_unknown_one():
+    usable, problems = check_group_overrides(["sweep=rank_alpha_2r", "adapter.r=4,8"])
+    assert usable == ["sweep=rank_alpha_2r", "adapter.r=4,8"] and problems == []
+    usable, problems = check_group_overrides(["sweep=nope"])
+    assert usable == []
+    assert problems == ["sweep=nope: no such option; valid: lr_rank, rank_alpha_2r, rank_alpha_grid"]
+
+
+def test_cli_rejects_an_unknown_preset(tmp_path):
+    r = cli("train", "experiment=demo", "sweep=nope", "--cfg", "job", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "sweep=nope: no such option; valid: lr_rank, rank_alpha_2r, rank_alpha_grid" in r.stderr
+
+
+def test_real_sweep_with_a_preset(tmp_path, demo_root):
+    from orchestrator import report
+
+    sweep = tmp_path / "sweep"
+    # The preset's 4 ranks, cut to 2 by a command-line sweep of the same key (it replaces the preset's).
+    r = cli("train", "-m", "experiment=demo", "sweep=rank_alpha_2r", "adapter.r=4,8", "trainer.max_steps=2",
+            "trainer.save_every=0", "tracking=none", f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "adapter" / "COMMITTED").is_file())
+    assert len(runs) == 2
+    ranks = []
+    for run in runs:
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        assert cfg["adapter"]["alpha"] == 2 * cfg["adapter"]["r"]
+        assert "sweep" not in cfg
+        ranks.append(cfg["adapter"]["r"])
+        adapter_cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
+        assert adapter_cfg["r"] == cfg["adapter"]["r"] and adapter_cfg["lora_alpha"] == 2 * cfg["adapter"]["r"]
+    assert sorted(ranks) == [4, 8]
+    assert {(row["r"], row["alpha"]) for row in report.collect(sweep)} == {(4, 8), (8, 16)}
+
