@@ -3,6 +3,7 @@ through the `mul` resolver, the override pre-check, and real multiruns driven by
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -18,9 +19,18 @@ BASIC = {
     "rank_alpha_grid": {"adapter.r": "4,8,16,32", "adapter.alpha": "8,16,32,64"},
     "lr_rank": {"trainer.lr": "1e-4,3e-4,1e-3,3e-3", "adapter.r": "8,16,32"},
 }
-OPTUNA: dict = {}
+OPTUNA = {"optuna_rank_alpha": {"adapter.r": "choice(4, 8, 16, 32)", "adapter.alpha": "choice(8, 16, 32, 64)"}}
 COUPLED = {"rank_alpha_2r", "lr_rank"}  # alpha = 2 * r
 
+
+def _has_optuna() -> bool:
+    try:
+        return importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
+    except ImportError:
+        return False
+
+
+needs_optuna = pytest.mark.skipif(not _has_optuna(), reason="hydra-optuna-sweeper is not installed")
 
 
 def hydra_compose(*overrides: str):
@@ -58,6 +68,18 @@ def test_preset_sets_the_sweeper_params(name):
         assert run.adapter.alpha == 32  # the experiment's
 
 
+@needs_optuna
+def test_optuna_preset_sets_the_optuna_sweeper():
+    from omegaconf import OmegaConf
+
+    cfg = hydra_compose("experiment=demo", "sweep=optuna_rank_alpha")
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_ == "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+    assert OmegaConf.to_container(sweeper.params) == OPTUNA["optuna_rank_alpha"]
+    assert sweeper.direction == "minimize" and sweeper.n_jobs == 1
+    assert "sweep" not in cfg
+
+
 def test_mul_resolver_gives_numbers():
     from omegaconf import OmegaConf
 
@@ -70,18 +92,27 @@ def test_mul_resolver_gives_numbers():
         _ = cfg.bad
 
 
-def test_override_check_accepts_presets_and_lists_them_for_an_unknown_one():
+def test_override_check_accepts_presets_and_lists_them_for_an_unknown_one(monkeypatch):
+    import sys
+
+    compose_module = sys.modules["orchestrator.config.compose"]  # the package exports a function of that name
+
     usable, problems = check_group_overrides(["sweep=rank_alpha_2r", "adapter.r=4,8"])
     assert usable == ["sweep=rank_alpha_2r", "adapter.r=4,8"] and problems == []
     usable, problems = check_group_overrides(["sweep=nope"])
     assert usable == []
-    assert problems == ["sweep=nope: no such option; valid: lr_rank, rank_alpha_2r, rank_alpha_grid"]
+    assert problems == ["sweep=nope: no such option; valid: lr_rank, optuna_rank_alpha, rank_alpha_2r, rank_alpha_grid"]
+    # A preset whose sweeper plugin is missing says what to install instead of Hydra's
+    # "Could not find 'hydra/sweeper/optuna'".
+    monkeypatch.setitem(compose_module.SWEEPER_PLUGINS, "optuna", ("hydra_plugins.no_such_sweeper", "hydra-optuna-sweeper==1.3.0"))
+    _, problems = check_group_overrides(["sweep=optuna_rank_alpha"])
+    assert problems == ["sweep=optuna_rank_alpha: needs the optuna sweeper plugin, not installed; pip install hydra-optuna-sweeper==1.3.0"]
 
 
 def test_cli_rejects_an_unknown_preset(tmp_path):
     r = cli("train", "experiment=demo", "sweep=nope", "--cfg", "job", cwd=tmp_path)
     assert r.returncode == 2
-    assert "sweep=nope: no such option; valid: lr_rank, rank_alpha_2r, rank_alpha_grid" in r.stderr
+    assert "sweep=nope: no such option; valid: lr_rank, optuna_rank_alpha, rank_alpha_2r, rank_alpha_grid" in r.stderr
 
 
 def test_real_sweep_with_a_preset(tmp_path, demo_root):
@@ -105,3 +136,25 @@ def test_real_sweep_with_a_preset(tmp_path, demo_root):
     assert sorted(ranks) == [4, 8]
     assert {(row["r"], row["alpha"]) for row in report.collect(sweep)} == {(4, 8), (8, 16)}
 
+
+@needs_optuna
+def test_real_optuna_sweep(tmp_path, demo_root):
+    """Needs `_train_task` to return the run's final eval loss (Optuna's objective)."""
+    from orchestrator import report
+
+    sweep = tmp_path / "sweep"
+    r = cli("train", "-m", "experiment=demo", "sweep=optuna_rank_alpha", "hydra.sweeper.n_trials=2",
+            "trainer.max_steps=2", "trainer.save_every=0", "tracking=none", f"hydra.sweep.dir={sweep}",
+            cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    runs = [p for p in sweep.iterdir() if p.is_dir() and (p / "adapter" / "COMMITTED").is_file()]
+    assert 1 <= len(runs) <= 2  # two trials that draw the same values share one run
+    finals = {}
+    for run in runs:
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        _, evals = report.read_metrics(run)
+        finals[(cfg["adapter"]["r"], cfg["adapter"]["alpha"])] = evals[-1]["eval_loss"]
+    best = min(finals, key=finals.get)
+    assert results["best_value"] == pytest.approx(finals[best])
+    assert (results["best_params"]["adapter.r"], results["best_params"]["adapter.alpha"]) == best
