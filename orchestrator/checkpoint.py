@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Callable
 
 MARKER = "COMMITTED"
+# Written into a run directory by the driver when the cluster warns of preemption or the end of
+# the time limit: the workers commit a checkpoint at the next step boundary and stop.
+PREEMPT_REQUEST = "PREEMPT_REQUESTED"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 

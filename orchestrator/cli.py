@@ -13,6 +13,9 @@ commands:
                             --cfg job prints the composed config, -m runs a Hydra multirun
   merge adapter=DIR output=DIR [base=DIR] [dtype=bf16|fp32]
                             merge an adapter into its base and write a Hugging Face model
+  jobs status|logs|stop ID [--follow]
+                            a job submitted with cluster=ray or cluster=slurm
+  run CONFIG.yaml           train a composed config as is (what cluster jobs execute)
   sweep report SWEEP_DIR    summarise a multirun (multirun/<date>/<time>): table on the terminal,
                             report.csv/.md and loss/heatmap plots in SWEEP_DIR/report/
 """
@@ -60,8 +63,7 @@ def _train(cfg) -> None:
         run = resolve(cfg)
     except ConfigError as e:
         raise ConfigError(_pending_problems + e.problems) from None
-    if Path(run.model.path) == demo.demo_dir() / "tiny-llama":
-        demo.ensure_demo_assets()
+    demo.localise(run)
     try:
         validate(run)
     except ConfigError as e:
@@ -69,14 +71,46 @@ def _train(cfg) -> None:
     if _pending_problems:
         raise ConfigError(_pending_problems)
     if _multirun():
-        # Every run of a sweep shares a W&B group and is named by its overrides.
+        # Every run of a sweep shares a W&B group and is named by its overrides; on shared storage
+        # each run gets its own directory <storage_path>/<name>/<overrides>.
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
-        run.tracking.group = run.tracking.group or hc.sweep.dir
+        run.tracking.group = run.tracking.group or (run.name if run.storage_path else hc.sweep.dir)
         run.tracking.name = run.tracking.name or hc.job.override_dirname or run.name
-    adapter = driver.train(run)
-    print(f"adapter written to {adapter}")
+        if run.storage_path and hc.job.override_dirname:
+            run.name = f"{run.name}/{hc.job.override_dirname}"
+            run.output_dir = f"{run.storage_path.rstrip('/')}/{run.name}"
+    if run.cluster.kind == "local":
+        print(f"adapter written to {driver.train(run)}")
+    else:
+        _submit(run)
+
+
+def _submit(run) -> None:
+    """Submit to the run's cluster, then follow the job to its end unless detached."""
+    import launch
+    from orchestrator.driver import RunFailed, check_output_dir
+
+    if Path(run.storage_path).exists():
+        check_output_dir(run)  # refuse another run's directory here, not after queueing on the cluster
+    try:
+        job = launch.target(run.cluster.kind).submit(run)
+    except launch.SubmitError as e:
+        raise RunFailed(str(e)) from None
+    if job is None:
+        return  # dry run
+    print(f"submitted {run.cluster.kind} job {job['id']} for the run in {run.output_dir}", flush=True)
+    if run.cluster.detach:
+        print(f"follow it with `orchestrator jobs logs {job['id']}`; `orchestrator jobs status {job['id']}`")
+        return
+    state = launch.target(run.cluster.kind).follow(job)
+    if state == "DETACHED":
+        return
+    if state not in ("SUCCEEDED", "COMPLETED"):
+        _, message = launch.target(run.cluster.kind).status(job)
+        raise RunFailed(f"job {job['id']} ended {state}{': ' + message if message else ''}")
+    print(f"adapter written to {run.output_dir}/adapter")
 
 
 def _split_args(args: list[str]) -> tuple[list[str], list[str], list[str]]:
@@ -150,6 +184,65 @@ def sweep(args: list[str]) -> None:
     print("report written to:\n" + "\n".join(f"  {p}" for p in paths.values()))
 
 
+def run_file(args: list[str]) -> None:
+    """`orchestrator run CONFIG.yaml`: train a composed config as is. This is what cluster jobs
+    execute; every check runs again here, on the cluster, before any worker starts."""
+    if len(args) != 1:
+        _fail(f"run: expected one composed config file (from `train --cfg job`), got {len(args)} arguments")
+    from omegaconf import OmegaConf
+
+    from orchestrator import demo, driver
+    from orchestrator.config import ConfigError, to_typed, validate
+    from orchestrator.config.schema import RunConfig
+
+    path = Path(args[0])
+    if not path.is_file():
+        _fail(f"run: {path} does not exist")
+    try:
+        run = to_typed(OmegaConf.to_container(OmegaConf.load(path)), RunConfig)
+        demo.localise(run)
+        validate(run, on_cluster=run.cluster.kind != "local")
+        print(f"adapter written to {driver.train(run, on_cluster=run.cluster.kind != 'local')}")
+    except ConfigError as e:
+        _fail(str(e))
+    except driver.Preempted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT)
+    except (driver.RunFailed, FileExistsError) as e:
+        _fail(str(e), 1)
+
+
+# EX_TEMPFAIL: the run checkpointed on a preemption signal and should be requeued.
+PREEMPTED_EXIT = 75
+
+
+def jobs(args: list[str]) -> None:
+    """`orchestrator jobs status|logs|stop ID [--follow] [address=...]` for Ray and Slurm jobs."""
+    import launch
+
+    flags = {a for a in args if a.startswith("--")}
+    kv = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("--"))
+    rest = [a for a in args if not a.startswith("--") and "=" not in a]
+    if len(rest) != 2 or rest[0] not in ("status", "logs", "stop") or flags - {"--follow"} or set(kv) - {"address"}:
+        _fail(f"jobs: expected `jobs status|logs|stop JOB_ID [--follow] [address=URL]`, got {' '.join(args) or 'nothing'}")
+    action, job_id = rest
+    job = launch.load_job(job_id)
+    if "address" in kv:
+        job["address"] = kv["address"]
+    target = launch.target(job["kind"])
+    try:
+        if action == "status":
+            state, message = target.status(job)
+            print(f"{job_id} {state}{': ' + message if message else ''}")
+        elif action == "logs":
+            target.follow(job) if "--follow" in flags else target.logs(job)
+        else:
+            target.stop(job)
+            print(f"stop requested for {job_id}")
+    except launch.SubmitError as e:
+        _fail(str(e), 1)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     logging.getLogger("orchestrator").setLevel(logging.INFO)
@@ -163,4 +256,8 @@ def main(argv: list[str] | None = None) -> None:
         return merge(rest)
     if command == "sweep":
         return sweep(rest)
+    if command == "run":
+        return run_file(rest)
+    if command == "jobs":
+        return jobs(rest)
     _fail(f"unknown command {command!r}\n{USAGE}")

@@ -179,6 +179,23 @@ def ensure_demo_assets(root: Path | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def localise(run) -> None:
+    """Point a demo config at this machine's demo assets, building the model on first use.
+
+    A config composed on another machine (a job submitted to a cluster) names that machine's
+    demo paths; only paths that look like the demo's and do not exist here are replaced."""
+    model = Path(run.model.path)
+    if model == demo_dir() / "tiny-llama" or (model.name == "tiny-llama" and model.parent.name == "demo"
+                                             and not model.exists()):
+        run.model.path = str(ensure_demo_assets())
+    for field in ("path", "eval_path"):
+        value = getattr(run.data, field)
+        if value and not Path(value).exists() and Path(value).parent.name == "assets":
+            shipped = ASSETS / Path(value).name
+            if shipped in (DEMO_DATA, DEMO_CHAT_DATA):
+                setattr(run.data, field, str(shipped))
+
+
 # --- data generators -------------------------------------------------------------------------
 
 WORDS = [

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
+import threading
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -19,7 +21,7 @@ class RunFailed(RuntimeError):
 
 # Settings that may change between a run and its resumption: where and how it runs, not what
 # it computes (the global batch is compared on its own).
-RESUMABLE_CHANGES = ("output_dir", "resume", "name", "cluster.", "tracking.", "trainer.micro_batch_size", "trainer.grad_accum")
+RESUMABLE_CHANGES = ("output_dir", "storage_path", "resume", "name", "cluster.", "tracking.", "trainer.micro_batch_size", "trainer.grad_accum")
 
 
 def config_differences(old: dict, new: RunConfig) -> list[str]:
@@ -33,39 +35,129 @@ def config_differences(old: dict, new: RunConfig) -> list[str]:
     return diffs
 
 
-def prepare_output_dir(run: RunConfig) -> bool:
-    """Create output_dir and write config.yaml. Returns False when the run there is already
-    complete. A directory holding another run's checkpoints is refused, never mixed or overwritten."""
+def check_output_dir(run: RunConfig) -> bool:
+    """Refuse an output_dir that holds another run's checkpoints, never mixing or overwriting them.
+    Returns False when the run there is already complete."""
     from orchestrator.checkpoint import is_committed, step_checkpoints
 
     out = Path(run.output_dir)
-    held = step_checkpoints(out / "checkpoints") or is_committed(out / "adapter")
-    if held:
-        if run.resume == "never":
-            raise FileExistsError(f"output_dir {out} already holds checkpoints and resume=never; choose a new output_dir")
-        old = OmegaConf.to_container(OmegaConf.load(out / "config.yaml")) if (out / "config.yaml").is_file() else {}
-        diffs = config_differences(old, run)
-        if diffs:
-            raise FileExistsError(
-                f"output_dir {out} holds the checkpoints of a different run; resuming would mix them. "
-                "Use a new output_dir, or the same config. Differences:\n  " + "\n  ".join(diffs)
-            )
-        if is_committed(out / "adapter"):
-            return False
+    if not (step_checkpoints(out / "checkpoints") or is_committed(out / "adapter")):
+        return True
+    if run.resume == "never":
+        raise FileExistsError(f"output_dir {out} already holds checkpoints and resume=never; choose a new output_dir")
+    old = OmegaConf.to_container(OmegaConf.load(out / "config.yaml")) if (out / "config.yaml").is_file() else {}
+    diffs = config_differences(old, run)
+    if diffs:
+        raise FileExistsError(
+            f"output_dir {out} holds the checkpoints of a different run; resuming would mix them. "
+            "Use a new output_dir (with storage_path: a new name), or the same config. Differences:\n  " + "\n  ".join(diffs)
+        )
+    return not is_committed(out / "adapter")
+
+
+def prepare_output_dir(run: RunConfig) -> bool:
+    """check_output_dir, then create output_dir and write config.yaml."""
+    if not check_output_dir(run):
+        return False
+    out = Path(run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(as_dict(run))))
     return True
 
 
-def _ray_init(run: RunConfig) -> None:
+class Preempted(RuntimeError):
+    """The run committed a checkpoint after a preemption warning and stopped; resubmit to resume."""
+
+
+def _ray_init(run: RunConfig, on_cluster: bool) -> None:
     import ray
 
     if ray.is_initialized():
         return
-    if run.cluster.address:
-        ray.init(address=run.cluster.address)
+    if on_cluster:
+        ray.init(address="auto")  # RAY_ADDRESS, set by the Ray Job or the Slurm script
     else:
-        ray.init(include_dashboard=False)
+        # "local" keeps a single-machine run off any `ray start` cluster that happens to run here.
+        ray.init(address=run.cluster.address or "local", include_dashboard=False)
+
+
+def _per_worker(run: RunConfig) -> dict[str, float]:
+    c = run.cluster
+    return {"CPU": c.cpus_per_worker, **({"GPU": 1.0} if c.use_gpu else {}), **c.resources_per_worker}
+
+
+def placeable_workers(nodes: list[dict], need: dict[str, float]) -> int:
+    """How many workers fit on these nodes' total resources (ray.nodes() entries)."""
+    return sum(
+        int(min(n["Resources"].get(k, 0.0) / v for k, v in need.items() if v > 0) + 1e-9) if any(v > 0 for v in need.values()) else 0
+        for n in nodes
+    )
+
+
+def check_cluster(run: RunConfig) -> None:
+    """Before any worker starts: the cluster can hold the workers, and every node sees the run
+    directory (multi-node runs need shared storage). A request Ray can never satisfy would
+    otherwise wait forever."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    need = _per_worker(run)
+    fits = placeable_workers(nodes, need)
+    if fits < run.cluster.num_workers and not run.cluster.autoscaling:
+        offered = "; ".join(f"{n['NodeManagerAddress']}: " + ", ".join(f"{k}={v:g}" for k, v in sorted(n["Resources"].items())
+                                                                      if not k.startswith(("node:", "memory", "object_store")))
+                            for n in nodes)
+        raise RunFailed(
+            f"cluster.num_workers={run.cluster.num_workers} workers of {need} cannot be placed: the cluster's nodes hold "
+            f"{fits} ({offered}). Lower cluster.num_workers or the per-worker resources, or set "
+            "cluster.autoscaling=true if the cluster adds nodes on demand"
+        )
+    if len(nodes) > 1:
+        blind = nodes_missing_file(Path(run.output_dir), nodes)
+        if blind:
+            raise RunFailed(
+                f"storage_path: the run directory {run.output_dir} is not visible from node(s) {', '.join(blind)}; "
+                "multi-node runs need a filesystem every node mounts (NFS, Lustre, a FUSE-mounted bucket)"
+            )
+
+
+def nodes_missing_file(directory: Path, nodes: list[dict]) -> list[str]:
+    """Addresses of the nodes that cannot read a marker file written into `directory` here."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = uuid.uuid4().hex
+    marker = directory / f".visible-{token}"
+    marker.write_text(token)
+
+    @ray.remote(num_cpus=0)
+    def sees(path: str) -> bool:
+        try:
+            return Path(path).read_text() == token
+        except OSError:
+            return False
+
+    try:
+        refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker))
+                for n in nodes]
+        return [n["NodeManagerAddress"] for n, ok in zip(nodes, ray.get(refs)) if not ok]
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _preemption_handler(out: Path):
+    """SIGUSR1 (Slurm's warning before preemption or the time limit): ask the workers to commit a
+    checkpoint at the next step boundary. The request is a file in the run directory because
+    the workers are Ray processes on any node, not children of this one."""
+    from orchestrator.checkpoint import PREEMPT_REQUEST
+
+    def handler(signum, frame):
+        log.warning("received %s: checkpointing at the next step boundary", signal.Signals(signum).name)
+        (out / PREEMPT_REQUEST).write_text(f"{signal.Signals(signum).name}\n")
+
+    return handler
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -82,11 +174,13 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
-def train(run: RunConfig) -> Path:
-    """Run training on Ray and return the directory of the final adapter."""
+def train(run: RunConfig, on_cluster: bool = False) -> Path:
+    """Run training on Ray and return the directory of the final adapter. on_cluster: this
+    process is a cluster job's driver, so connect to that cluster's Ray."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from orchestrator.checkpoint import PREEMPT_REQUEST, is_committed
     from orchestrator.train_loop import train_loop
 
     # Workers may run with another working directory (on other nodes, surely): absolute paths only.
@@ -95,26 +189,32 @@ def train(run: RunConfig) -> Path:
     if not prepare_output_dir(run):
         log.info("the run in %s is already complete", out)
         return out / "adapter"
-    _ray_init(run)
+    (out / PREEMPT_REQUEST).unlink(missing_ok=True)  # a request that a previous job acted on
+    _ray_init(run, on_cluster)
+    check_cluster(run)
     c = run.cluster
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"run": as_dict(run)},
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=c.num_workers,
-            use_gpu=c.use_gpu,
-            resources_per_worker={"CPU": c.cpus_per_worker, **c.resources_per_worker},
-        ),
+        scaling_config=ray.train.ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=_per_worker(run)),
         run_config=ray.train.RunConfig(
             name=run.name or out.name,
             storage_path=str(out / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=c.max_failures),
         ),
     )
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGUSR1, _preemption_handler(out)) if in_main else None
     try:
         trainer.fit()
     except Exception as e:  # noqa: BLE001 - re-raised with the worker's own message
         cause = _root_cause(e)
         raise RunFailed(f"training failed: {type(cause).__name__}: {cause}") from e
+    finally:
+        if in_main:
+            signal.signal(signal.SIGUSR1, previous)
+    if (out / PREEMPT_REQUEST).exists() and not is_committed(out / "adapter"):
+        raise Preempted(f"preempted: the run in {out} committed its latest checkpoint and stopped; "
+                        "the same command (or the requeued job) resumes it")
     return out / "adapter"

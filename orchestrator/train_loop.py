@@ -373,8 +373,17 @@ def train_loop(config: dict) -> None:
             if run.trainer.eval_every and done % run.trainer.eval_every == 0 and done != steps:
                 evaluated = evaluate(model, evals, d, run.trainer.micro_batch_size, tokenizer.pad_token_id)
                 tracker.log(done, evaluated)
-            if run.trainer.save_every and done % run.trainer.save_every == 0:
+            saved = bool(run.trainer.save_every) and done % run.trainer.save_every == 0
+            if saved:
                 save(out / "checkpoints" / f"step-{done}", done, with_state=True, eval_loss=evaluated.get("eval_loss"))
+            # Every rank looks, and they agree through one all-reduce, so all stop at the same step.
+            stop = d.all_reduce(torch.tensor(float((out / checkpoint.PREEMPT_REQUEST).exists())), op=dist.ReduceOp.MAX)
+            if stop.item() and done < steps:
+                if not saved:
+                    save(out / "checkpoints" / f"step-{done}", done, with_state=True)
+                log.warning("preemption requested: committed step-%d, stopping so the job can be requeued", done)
+                failed = False
+                return
         final_eval = evaluate(model, evals, d, run.trainer.micro_batch_size, tokenizer.pad_token_id)
         if final_eval:
             tracker.log(steps, final_eval)

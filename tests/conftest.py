@@ -50,14 +50,16 @@ def ray_local():
     import ray
 
     # Worker logs stay in Ray's session logs: a failed run's error reaches the test through RunFailed.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
 
-def cli(*args: str, cwd=None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m orchestrator ARGS` as a user runs it, with its output captured."""
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def cli(*args: str, cwd=None, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m orchestrator ARGS` as a user runs it (with `env` added to the environment),
+    its output captured."""
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def read_metrics(out: Path) -> list[dict]:

@@ -141,9 +141,42 @@ class TrainerConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """The allocation `cluster=slurm` asks sbatch for. Every value is shell-quoted in the script,
+    except `setup`, which is shell on purpose."""
+
+    nodes: int = 1
+    """Nodes; cluster.num_workers is spread evenly over them (one Ray node each)."""
+    gpus_per_node: int = 0
+    """GPUs per node (--gpus-per-node); 0 on CPU-only partitions."""
+    cpus_per_node: Optional[int] = None
+    """CPUs per node (--cpus-per-task); None = workers per node x cluster.cpus_per_worker + 1 for Ray."""
+    mem: Optional[str] = None
+    """Memory per node (--mem), e.g. 200G; None takes the partition's default."""
+    time: str = "04:00:00"
+    """Wall-clock limit (--time)."""
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    """Node features (--constraint), e.g. h100."""
+    job_name: Optional[str] = None
+    """Slurm job name; None uses the run name."""
+    extra_sbatch: list[str] = field(default_factory=list)
+    """More sbatch options, one per item, e.g. ["--exclusive", "--reservation=x"]."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run on every node before Ray starts (module load, activate an environment)."""
+    signal_grace_s: int = 300
+    """Seconds before the time limit at which Slurm warns the job (SIGUSR1): it checkpoints and requeues."""
+    requeue: bool = True
+    """Requeue the job after a preemption or time-limit checkpoint so it resumes by itself."""
+
+
+@dataclass
 class ClusterConfig:
-    kind: Literal["local"] = "local"
-    """Where the driver runs. local: an embedded Ray instance on this machine."""
+    kind: Literal["local", "ray", "slurm"] = "local"
+    """Where the driver runs. local: Ray on this machine. ray: a Ray Job on an existing cluster
+    (cluster.address). slurm: an sbatch job that starts Ray across its allocation."""
     num_workers: int = 2
     """Ray Train workers, one per GPU (or CPU process)."""
     use_gpu: bool = False
@@ -155,7 +188,27 @@ class ClusterConfig:
     max_failures: int = 0
     """Worker-group restarts Ray Train may attempt before the run fails."""
     address: Optional[str] = None
-    """Ray address to connect to; None starts (or reuses) a local instance."""
+    """Ray cluster: the dashboard address (http://head:8265) for cluster=ray, else the address to
+    connect to; None reads RAY_ADDRESS, or (local) starts a Ray instance."""
+    autoscaling: bool = False
+    """The Ray cluster adds nodes on demand: wait for resources instead of refusing a request the
+    current nodes cannot hold."""
+    python: Optional[str] = None
+    """Interpreter on the cluster that has the project's dependencies; None = the submitting one."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment variables for the job (not secrets: they are stored with the job)."""
+    secret_env: list[str] = field(
+        default_factory=lambda: ["WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"]
+    )
+    """Names of variables passed from the submitting shell's environment to the job, never
+    written to a file by the orchestrator."""
+    pip: list[str] = field(default_factory=list)
+    """cluster=ray: extra pip requirements installed in the job's runtime environment."""
+    detach: bool = False
+    """ray/slurm: print the job id and return instead of following the job to its end."""
+    dry_run: bool = False
+    """ray/slurm: print what would be submitted (sbatch script, or entrypoint and runtime env) and stop."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 @dataclass
@@ -190,7 +243,11 @@ class RunConfig:
     output_dir: str = "???"
     """Directory of this run: config, metrics, checkpoints, final adapter."""
     name: Optional[str] = None
-    """Human-readable run name (used for W&B and Ray)."""
+    """Run name (W&B, Ray, Slurm job). With storage_path it names the run's directory, so the same
+    name continues the same run and a new run needs a new name."""
+    storage_path: Optional[str] = None
+    """Root of run directories shared by every node (cluster=ray/slurm): the run lives in
+    <storage_path>/<name>. None keeps the run in output_dir (single-machine runs)."""
     resume: str = "auto"
     """auto: continue from the newest committed checkpoint in output_dir, if any. never: refuse an
     output_dir that holds checkpoints. A path: start from that committed step-<N> checkpoint."""

@@ -87,6 +87,8 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
     if tp is str:
         if value == MISSING:
             errors.append(f"{path}: is required but not set")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # Hydra reads name=2024 or env.OMP_NUM_THREADS=4 as numbers
         elif not isinstance(value, str):
             errors.append(f"{path}: expected a string, got {value!r}")
         return value

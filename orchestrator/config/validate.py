@@ -8,6 +8,7 @@ are loaded.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from orchestrator.config.schema import RunConfig
@@ -49,6 +50,7 @@ def _static(run: RunConfig) -> list[str]:
         f"strategy=single runs one process but cluster.num_workers={c.num_workers}; "
         "set cluster.num_workers=1, or use strategy=fsdp or strategy=ddp for several workers",
     )
+    p.extend(_cluster_static(run))
     if run.resume not in ("auto", "never"):
         from orchestrator.checkpoint import is_committed
 
@@ -74,6 +76,44 @@ SHARDS_BASE = {
     "fsdp": "FSDP flattens each layer's parameters into one buffer of one dtype",
     **{name: _DS_CAST for name in DEEPSPEED},
 }
+
+
+def _cluster_static(run: RunConfig) -> list[str]:
+    c, s, p = run.cluster, run.cluster.slurm, []
+    if c.kind != "local":
+        if not run.storage_path:
+            p.append(f"storage_path: required for cluster={c.kind}: a directory every node of the cluster sees "
+                     "(shared filesystem); the run is kept in <storage_path>/<name>")
+        if not run.name:
+            p.append(f"name: required for cluster={c.kind}: the run is kept in <storage_path>/<name>; "
+                     "submitting the same name again continues that run, a new run needs a new name")
+    if run.storage_path and "://" in run.storage_path:
+        p.append(f"storage_path: {run.storage_path} is a URI; checkpoints are committed with POSIX renames, so give "
+                 "a shared filesystem path (mount a bucket with its FUSE driver to use object storage)")
+    if run.name and (run.name.startswith(("/", ".")) or ".." in run.name.split("/")):
+        p.append(f"name: {run.name!r} must be a relative name (letters, digits, -, _, and / for groups), not a path")
+    bad_env = [k for k in [*c.env, *c.secret_env] if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)]
+    if bad_env:
+        p.append(f"cluster.env / cluster.secret_env: {', '.join(map(repr, bad_env))} are not environment variable names")
+    leaked = sorted(set(c.env) & set(c.secret_env))
+    if leaked:
+        p.append(f"cluster.env: {', '.join(leaked)} are secrets (cluster.secret_env); export them in your shell "
+                 "instead, so they travel in the environment only and are never written to a file")
+    if c.kind == "slurm":
+        if s.nodes < 1 or c.num_workers % s.nodes:
+            p.append(f"cluster.slurm.nodes={s.nodes} must be >= 1 and divide cluster.num_workers={c.num_workers} "
+                     "(one Ray node per Slurm node, the same number of workers on each)")
+        elif c.use_gpu and s.gpus_per_node < c.num_workers // s.nodes:
+            p.append(f"cluster.slurm.gpus_per_node={s.gpus_per_node} is fewer than the {c.num_workers // s.nodes} "
+                     "workers per node, each of which needs a GPU")
+        if s.signal_grace_s < 0:
+            p.append(f"cluster.slurm.signal_grace_s: must be >= 0, got {s.signal_grace_s}")
+        if not re.fullmatch(r"(\d+-)?\d{1,2}(:\d{2}){0,2}|\d+", s.time):
+            p.append(f"cluster.slurm.time: {s.time!r} is not a Slurm time (MM, HH:MM:SS or D-HH:MM:SS)")
+        bad = [x for x in s.extra_sbatch if not x.startswith("-")]
+        if bad:
+            p.append(f"cluster.slurm.extra_sbatch: {bad} must be sbatch options such as --exclusive or --reservation=name")
+    return p
 
 
 def _deepspeed_static(run: RunConfig) -> list[str]:
@@ -241,15 +281,23 @@ def _checkpoint_bytes(run: RunConfig) -> int:
     return int(adapter * 3 * (1 + step_checkpoints) * 1.2)
 
 
-def validate(run: RunConfig, environment: bool = True) -> RunConfig:
+def validate(run: RunConfig, environment: bool = True, on_cluster: bool = False) -> RunConfig:
     """Raise ConfigError with every problem, or return the config unchanged.
 
     environment=False skips checks that need the model, the data and the machine (used to
-    validate configs meant for another cluster).
+    validate configs meant for another cluster). on_cluster: this is a cluster job's driver,
+    whose resources the driver checks against the live cluster instead of this machine.
     """
     problems = _static(run)
     if environment:
-        problems += _model(run) + _data(run) + _resources(run) + _deepspeed_json(run)
+        here = run.cluster.kind == "local"
+        # A job for a cluster may name paths that exist only there: those are checked on the
+        # cluster by `orchestrator run` before any worker starts.
+        if here or on_cluster or Path(run.model.path).exists():
+            problems += _model(run)
+        if here or on_cluster or Path(run.data.path).exists():
+            problems += _data(run)
+        problems += (_resources(run) if here else []) + _deepspeed_json(run)
     if problems:
         raise ConfigError(problems)
     return run

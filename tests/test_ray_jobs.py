@@ -1,0 +1,124 @@
+"""cluster=ray: runs submitted as Ray Jobs to a real Ray head started on localhost."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import cli, read_metrics
+from ray_head import free_ports, ray_head
+
+SECRET = "wandb-fake-key-5f2c9d1e7a"
+
+
+@pytest.fixture(scope="module")
+def head(demo_model, tmp_path_factory):
+    """(dashboard address, environment for the submitting CLI)."""
+    home = tmp_path_factory.mktemp("orchestrator-home")
+    with ray_head(num_cpus=2) as address:
+        # The head enables Ray's token authentication; the client must opt in to send the token.
+        yield address, {"RAY_AUTH_MODE": "token", "ORCHESTRATOR_HOME": str(home), "WANDB_API_KEY": SECRET}
+
+
+def submit(head, tmp_path: Path, *overrides: str, name: str = "run", timeout: float = 400):
+    address, env = head
+    return cli("train", "experiment=demo", "cluster=ray", f"cluster.address={address}", f"storage_path={tmp_path / 'storage'}",
+               f"name={name}", "tracking.mode=offline", f"hydra.run.dir={tmp_path / 'submit' / name}", *overrides,
+               cwd=tmp_path, env=env, timeout=timeout)
+
+
+def job_id(result) -> str:
+    line = next(x for x in result.stdout.splitlines() if x.startswith("submitted ray job "))
+    return line.split()[3]
+
+
+def files_under(*roots: Path):
+    for root in roots:
+        for p in Path(root).rglob("*"):
+            if p.is_file():
+                yield p
+
+
+def test_demo_runs_as_ray_job_and_keeps_secrets_out_of_files(head, tmp_path):
+    r = submit(head, tmp_path, "trainer.max_steps=4", "trainer.save_every=2")
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    run_dir = tmp_path / "storage" / "run"
+    assert (run_dir / "adapter" / "COMMITTED").is_file() and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert [m["step"] for m in read_metrics(run_dir) if "loss" in m] == [1, 2, 3, 4]
+    assert "trainable params" in r.stdout  # the workers' logs streamed to the submitting terminal
+    jid = job_id(r)
+    status = cli("jobs", "status", jid, env=head[1])
+    assert status.returncode == 0 and f"{jid} SUCCEEDED" in status.stdout, status.stderr
+    logs = cli("jobs", "logs", jid, env=head[1])
+    assert "adapter written to" in logs.stdout
+    # The secret reached the job through its environment only: no file the run or the CLI wrote holds it.
+    written = list(files_under(run_dir, tmp_path / "submit", Path(head[1]["ORCHESTRATOR_HOME"])))
+    assert any(p.name == "config.yaml" for p in written) and any(p.suffix == ".wandb" for p in written)
+    assert [p for p in written if SECRET.encode() in p.read_bytes()] == []
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(1)
+
+
+def test_same_name_resumes_the_run_and_a_running_one_is_not_doubled(head, tmp_path):
+    args = ("trainer.max_steps=300", "trainer.save_every=5")
+    r = submit(head, tmp_path, *args, "cluster.detach=true", name="resumable")
+    assert r.returncode == 0, r.stderr[-3000:]
+    jid = job_id(r)
+    again = submit(head, tmp_path, *args, name="resumable")
+    assert again.returncode == 1 and f"already running as Ray job {jid}" in again.stderr
+
+    ckpts = tmp_path / "storage" / "resumable" / "checkpoints"
+    _wait_for(lambda: (ckpts / "step-5" / "COMMITTED").is_file(), 300, "the first checkpoint")
+    stop = cli("jobs", "stop", jid, env=head[1])
+    assert stop.returncode == 0, stop.stderr
+    _wait_for(lambda: "STOPPED" in cli("jobs", "status", jid, env=head[1]).stdout, 120, "the job to stop")
+    stopped_at = max(int(p.name.split("-")[1]) for p in ckpts.glob("step-*") if (p / "COMMITTED").is_file())
+    assert stopped_at < 300
+
+    # Same name, same config: the new job continues the stored run.
+    resumed = submit(head, tmp_path, *args, name="resumable")
+    assert resumed.returncode == 0, resumed.stderr[-3000:] + resumed.stdout[-3000:]
+    assert f"resuming from {ckpts}/step-" in resumed.stdout
+    steps = [m["step"] for m in read_metrics(tmp_path / "storage" / "resumable") if "loss" in m]
+    assert steps == list(range(1, 301))
+
+    # Same name, another config: refused before anything is submitted.
+    other = submit(head, tmp_path, *args, "adapter.r=8", name="resumable")
+    assert other.returncode == 1 and "holds the checkpoints of a different run" in other.stderr and "adapter.r: 16 -> 8" in other.stderr
+    assert "submitted ray job" not in other.stdout
+
+
+def test_unsatisfiable_resources_are_reported_not_left_pending(head, tmp_path):
+    r = submit(head, tmp_path, "cluster.num_workers=3", "trainer.max_steps=2", timeout=200)
+    assert r.returncode == 1
+    assert "cluster.num_workers=3 workers of {'CPU': 1.0} cannot be placed: the cluster's nodes hold 2" in r.stdout + r.stderr
+    assert not (tmp_path / "storage" / "run" / "checkpoints").exists()
+
+
+def test_cluster_refusals_carry_the_clusters_message(head, tmp_path):
+    (closed,) = free_ports(1)
+    r = submit(head, tmp_path, f"cluster.address=http://127.0.0.1:{closed}")
+    assert r.returncode == 1 and f"cannot reach the Ray cluster at http://127.0.0.1:{closed}" in r.stderr
+    address, env = head
+    unauthenticated = cli("train", "experiment=demo", "cluster=ray", f"cluster.address={address}", f"storage_path={tmp_path}",
+                          "name=x", f"hydra.run.dir={tmp_path / 'h'}", cwd=tmp_path, env={**env, "RAY_AUTH_MODE": "disabled"})
+    assert unauthenticated.returncode == 1 and "Authentication required" in unauthenticated.stderr
+    records = list((Path(env["ORCHESTRATOR_HOME"]) / "jobs").glob("*.json"))
+    assert all(json.loads(p.read_text())["run_dir"] != f"{tmp_path}/x" for p in records)  # nothing half-submitted
+
+
+def test_dry_run_prints_the_job_and_submits_nothing(head, tmp_path):
+    r = submit(head, tmp_path, "cluster.dry_run=true")
+    assert r.returncode == 0, r.stderr
+    assert "-m orchestrator run run.yaml" in r.stdout and "WANDB_API_KEY=<from your environment>" in r.stdout
+    assert SECRET not in r.stdout and "submitted" not in r.stdout
+    assert not (tmp_path / "storage").exists()
