@@ -10,7 +10,8 @@ USAGE = """usage: orchestrator <command> [args]
 
 commands:
   train [hydra overrides]   fine-tune an adapter (e.g. orchestrator train experiment=demo);
-                            --cfg job prints the composed config, -m runs a Hydra multirun
+                            --cfg job prints the composed config, -m runs a Hydra multirun,
+                            cluster=ray|slurm submits it (--dry-run prints the job instead)
   merge adapter=DIR output=DIR [base=DIR] [dtype=bf16|fp32]
                             merge an adapter into its base and write a Hugging Face model
   jobs status|logs|stop ID [--follow]
@@ -135,6 +136,8 @@ def train(args: list[str]) -> None:
 
     from orchestrator.config import CONF_DIR, ConfigError, check_group_overrides
 
+    if "--dry-run" in args:  # ours, not Hydra's: print what would be submitted
+        args = [a for a in args if a != "--dry-run"] + ["cluster.dry_run=true"]
     overrides, hydra_overrides, flags = _split_args(args)
     usable, problems = check_group_overrides(overrides)
     _pending_problems[:] = problems
@@ -195,6 +198,7 @@ def run_file(args: list[str]) -> None:
     from orchestrator.config import ConfigError, to_typed, validate
     from orchestrator.config.schema import RunConfig
 
+    logging.basicConfig(format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")  # Hydra does this for `train`
     path = Path(args[0])
     if not path.is_file():
         _fail(f"run: {path} does not exist")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -103,10 +104,11 @@ def check_cluster(run: RunConfig) -> None:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     need = _per_worker(run)
     fits = placeable_workers(nodes, need)
+    offered = "; ".join(f"{n['NodeManagerAddress']}: " + ", ".join(f"{k}={v:g}" for k, v in sorted(n["Resources"].items())
+                                                                  if not k.startswith(("node:", "memory", "object_store")))
+                        for n in nodes)
+    log.info("Ray cluster of %d node(s) (%s) holds %d workers of %s", len(nodes), offered, fits, need)
     if fits < run.cluster.num_workers and not run.cluster.autoscaling:
-        offered = "; ".join(f"{n['NodeManagerAddress']}: " + ", ".join(f"{k}={v:g}" for k, v in sorted(n["Resources"].items())
-                                                                      if not k.startswith(("node:", "memory", "object_store")))
-                            for n in nodes)
         raise RunFailed(
             f"cluster.num_workers={run.cluster.num_workers} workers of {need} cannot be placed: the cluster's nodes hold "
             f"{fits} ({offered}). Lower cluster.num_workers or the per-worker resources, or set "
@@ -155,9 +157,26 @@ def _preemption_handler(out: Path):
 
     def handler(signum, frame):
         log.warning("received %s: checkpointing at the next step boundary", signal.Signals(signum).name)
-        (out / PREEMPT_REQUEST).write_text(f"{signal.Signals(signum).name}\n")
+        (out / PREEMPT_REQUEST).write_text(incarnation() + "\n")
 
     return handler
+
+
+def incarnation() -> str:
+    """Who may ask this run to stop: the Slurm job and its restart count (its batch script writes
+    requests too, possibly before this driver starts), else this process. A request left by an
+    earlier incarnation is stale."""
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    return f"pid.{os.getpid()}"
+
+
+def _drop_stale_request(out: Path) -> None:
+    from orchestrator.checkpoint import PREEMPT_REQUEST
+
+    request = out / PREEMPT_REQUEST
+    if request.is_file() and request.read_text().strip() != incarnation():
+        request.unlink()
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -189,7 +208,7 @@ def train(run: RunConfig, on_cluster: bool = False) -> Path:
     if not prepare_output_dir(run):
         log.info("the run in %s is already complete", out)
         return out / "adapter"
-    (out / PREEMPT_REQUEST).unlink(missing_ok=True)  # a request that a previous job acted on
+    _drop_stale_request(out)
     _ray_init(run, on_cluster)
     check_cluster(run)
     c = run.cluster

@@ -106,6 +106,21 @@ def _unknown_field(dotted: str) -> str | None:
     return None
 
 
+def _in_mapping_field(dotted: str) -> bool:
+    """True for a dict field (cluster.env) or a key inside one (cluster.env.FOO)."""
+    cls: type = RunConfig
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return False
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if part not in fields:
+            return False
+        cls = typing.get_type_hints(cls)[part]
+        if typing.get_origin(cls) is dict:
+            return True
+    return False
+
+
 def check_group_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     """Split overrides into (usable, problems) so that an unknown group option or field is
     reported together with every other problem instead of aborting composition on its own."""
@@ -134,7 +149,8 @@ def check_group_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
             if missing:
                 problems.extend(missing)
                 continue
-        usable.append(text)
+        # Dict fields take new keys (cluster.env.FOO=1): `++` lets Hydra add them to a struct config.
+        usable.append("++" + text if not text.startswith(("+", "~")) and _in_mapping_field(key) else text)
     return usable, problems
 
 
@@ -149,7 +165,11 @@ def resolve(cfg: DictConfig) -> RunConfig:
         raise ConfigError([f"{key}: cannot be resolved ({e.msg if hasattr(e, 'msg') else e})"]) from None
     data.pop("hydra", None)
     data.pop("experiment", None)
-    return to_typed(data, RunConfig)
+    run = to_typed(data, RunConfig)
+    if run.storage_path and run.name:
+        # The run's identity is its name under shared storage: the same name continues that run.
+        run.output_dir = f"{run.storage_path.rstrip('/')}/{run.name}"
+    return run
 
 
 def compose(overrides: list[str] | None = None) -> RunConfig:
