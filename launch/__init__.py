@@ -12,9 +12,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 from orchestrator.config.schema import RunConfig
+
+
+SUCCEEDED = ("SUCCEEDED", "COMPLETED")  # Ray's and Slurm's word for a job that finished well
 
 
 class SubmitError(RuntimeError):
@@ -67,3 +71,16 @@ def target(kind: str):
     from launch import ray_job
 
     return ray_job
+
+
+def wait_all(jobs: list[dict], poll_s: float = 3.0):
+    """Yield (job, (state, message)) for each job as it ends, in the order they end."""
+    pending = list(jobs)
+    while pending:
+        for job in list(pending):
+            state, message = target(job["kind"]).status(job)
+            if state not in target(job["kind"]).ACTIVE:
+                pending.remove(job)
+                yield job, (state, message)
+        if pending:
+            time.sleep(poll_s)

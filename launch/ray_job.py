@@ -24,7 +24,7 @@ import orchestrator
 from launch import SubmitError, job_env, record_job
 from orchestrator.config.schema import RunConfig, as_dict
 
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+ACTIVE = ("PENDING", "RUNNING")
 
 
 def _address(run: RunConfig | None = None, address: str | None = None) -> str:
@@ -61,7 +61,7 @@ def _state(status) -> str:
 
 def _active_job_of_run(c, run_dir: str) -> str | None:
     for job in c.list_jobs():
-        if (job.metadata or {}).get("orchestrator_run_dir") == run_dir and _state(job.status) not in TERMINAL:
+        if (job.metadata or {}).get("orchestrator_run_dir") == run_dir and _state(job.status) in ACTIVE:
             return job.submission_id
     return None
 

@@ -32,6 +32,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 _failed_runs: list[str] = []
+_sweep_jobs: list[dict] = []  # cluster jobs of a multirun, awaited together once all are submitted
 
 
 def _multirun() -> bool:
@@ -41,22 +42,44 @@ def _multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _train_task(cfg) -> None:
+def _train_task(cfg) -> float | None:
     # Errors are reported here, not raised: Hydra would print them as tracebacks. In a multirun a
     # failed run is logged (into its own train.log too) and the sweep goes on with the next one.
+    # The return value, the final eval loss, is what the Optuna sweeper minimises.
     from orchestrator.config import ConfigError
     from orchestrator.driver import RunFailed
 
     try:
-        _train(cfg)
+        return _train(cfg)
     except (ConfigError, RunFailed, FileExistsError) as e:
         if not _multirun():
             _fail(str(e), 2 if isinstance(e, ConfigError) else 1)
         logging.getLogger("orchestrator").error("error: %s", e)
         _failed_runs.append(f"{cfg.get('output_dir', '?')}: {str(e).splitlines()[0]}")
+        return None
 
 
-def _train(cfg) -> None:
+_swept_keys: set[str] = set()  # keys given several values on the command line
+
+
+def _sweep_label(hc) -> str:
+    """This run's values of the swept keys, e.g. adapter.r=8,adapter.alpha=16: what tells the runs
+    of a sweep apart (Hydra's override_dirname also holds everything they share)."""
+    swept = _swept_keys | set(hc.sweeper.get("params") or {})
+    parts = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
+    return ",".join(parts) or hc.job.override_dirname
+
+
+def _final_eval_loss(run_dir: str) -> float | None:
+    from orchestrator.report import read_metrics
+
+    if not (Path(run_dir) / "metrics.jsonl").is_file():
+        return None
+    _, evals = read_metrics(Path(run_dir))
+    return float(evals[-1]["eval_loss"]) if evals else None
+
+
+def _train(cfg) -> float | None:
     from orchestrator import demo, driver
     from orchestrator.config import ConfigError, resolve, validate
 
@@ -77,19 +100,25 @@ def _train(cfg) -> None:
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
+        label = _sweep_label(hc)
         run.tracking.group = run.tracking.group or (run.name if run.storage_path else hc.sweep.dir)
-        run.tracking.name = run.tracking.name or hc.job.override_dirname or run.name
-        if run.storage_path and hc.job.override_dirname:
-            run.name = f"{run.name}/{hc.job.override_dirname}"
+        run.tracking.name = run.tracking.name or label or run.name
+        if run.storage_path and label:
+            run.name = f"{run.name}/{label}"
             run.output_dir = f"{run.storage_path.rstrip('/')}/{run.name}"
+        if run.cluster.kind != "local" and "optuna" in str(hc.sweeper.get("_target_", "")).lower():
+            raise ConfigError(["sweep: the Optuna sweeper runs trials one after another on the final eval loss "
+                               "of each; run it with cluster=local, or use a grid preset for cluster sweeps"])
     if run.cluster.kind == "local":
         print(f"adapter written to {driver.train(run)}")
-    else:
-        _submit(run)
+    elif not _submit(run):
+        return None
+    return _final_eval_loss(run.output_dir)
 
 
-def _submit(run) -> None:
-    """Submit to the run's cluster, then follow the job to its end unless detached."""
+def _submit(run) -> bool:
+    """Submit to the run's cluster, then follow the job to its end unless detached (the runs of a
+    multirun are awaited together, once all are submitted). True when the run ended here."""
     import launch
     from orchestrator.driver import RunFailed, check_output_dir
 
@@ -100,18 +129,33 @@ def _submit(run) -> None:
     except launch.SubmitError as e:
         raise RunFailed(str(e)) from None
     if job is None:
-        return  # dry run
+        return False  # dry run
     print(f"submitted {run.cluster.kind} job {job['id']} for the run in {run.output_dir}", flush=True)
     if run.cluster.detach:
         print(f"follow it with `orchestrator jobs logs {job['id']}`; `orchestrator jobs status {job['id']}`")
-        return
+        return False
+    if _multirun():
+        _sweep_jobs.append(job)
+        return False
     state = launch.target(run.cluster.kind).follow(job)
     if state == "DETACHED":
-        return
-    if state not in ("SUCCEEDED", "COMPLETED"):
+        return False
+    if state not in launch.SUCCEEDED:
         _, message = launch.target(run.cluster.kind).status(job)
         raise RunFailed(f"job {job['id']} ended {state}{': ' + message if message else ''}")
     print(f"adapter written to {run.output_dir}/adapter")
+    return True
+
+
+def _await_sweep_jobs() -> None:
+    """Wait for every job of a cluster sweep; each failure joins the sweep's summary."""
+    import launch
+
+    print(f"waiting for {len(_sweep_jobs)} jobs (`orchestrator jobs logs ID` shows one's log)", flush=True)
+    for job, (state, message) in launch.wait_all(_sweep_jobs):
+        print(f"job {job['id']} {state}: {job['run_dir']}", flush=True)
+        if state not in launch.SUCCEEDED:
+            _failed_runs.append(f"{job['run_dir']}: job {job['id']} ended {state}{': ' + message if message else ''}")
 
 
 def _split_args(args: list[str]) -> tuple[list[str], list[str], list[str]]:
@@ -141,12 +185,17 @@ def train(args: list[str]) -> None:
     overrides, hydra_overrides, flags = _split_args(args)
     usable, problems = check_group_overrides(overrides)
     _pending_problems[:] = problems
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    _swept_keys.update(o.key_or_group for o in OverridesParser.create().parse_overrides(usable) if o.is_sweep_override())
     if problems and any(f in ("--cfg", "-c") for f in flags):
         _fail(str(ConfigError(problems)))
 
     task = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_train_task)
     sys.argv = ["orchestrator-train", *flags, *usable, *hydra_overrides]
     task()
+    if _sweep_jobs:
+        _await_sweep_jobs()
     if _failed_runs:
         _fail(f"{len(_failed_runs)} run(s) of the sweep failed:\n  " + "\n  ".join(_failed_runs), 1)
 

@@ -83,6 +83,7 @@ def _ray_init(run: RunConfig, on_cluster: bool) -> None:
 
 
 def _per_worker(run: RunConfig) -> dict[str, float]:
+    """What one worker takes from a node, GPU included."""
     c = run.cluster
     return {"CPU": c.cpus_per_worker, **({"GPU": 1.0} if c.use_gpu else {}), **c.resources_per_worker}
 
@@ -216,7 +217,11 @@ def train(run: RunConfig, on_cluster: bool = False) -> Path:
         train_loop,
         train_loop_config={"run": as_dict(run)},
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=_per_worker(run)),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=c.num_workers,
+            use_gpu=c.use_gpu,  # one GPU each, added by Ray Train itself
+            resources_per_worker={"CPU": c.cpus_per_worker, **c.resources_per_worker},
+        ),
         run_config=ray.train.RunConfig(
             name=run.name or out.name,
             storage_path=str(out / "ray"),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -122,3 +124,27 @@ def test_dry_run_prints_the_job_and_submits_nothing(head, tmp_path):
     assert "-m orchestrator run run.yaml" in r.stdout and "WANDB_API_KEY=<from your environment>" in r.stdout
     assert SECRET not in r.stdout and "submitted" not in r.stdout
     assert not (tmp_path / "storage").exists()
+
+
+def test_sweep_runs_in_parallel_as_ray_jobs(head, tmp_path):
+    address, env = head
+    storage = tmp_path / "storage"
+    r = cli("train", "-m", "experiment=demo", "cluster=ray", f"cluster.address={address}", f"storage_path={storage}", "name=sweep",
+            "strategy=single", "cluster.num_workers=1", "trainer.max_steps=3", "trainer.save_every=0", "adapter.r=4,8",
+            f"hydra.sweep.dir={tmp_path / 'multirun'}", cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    ids = [line.split()[3] for line in r.stdout.splitlines() if line.startswith("submitted ray job ")]
+    assert len(ids) == 2 and "waiting for 2 jobs" in r.stdout
+    # Ray's own record of when each job ran (a client process of its own: auth is read at start-up).
+    query = ("import json, sys; from ray.job_submission import JobSubmissionClient as C; c = C(sys.argv[1]); "
+             "print(json.dumps([[c.get_job_info(i).start_time, c.get_job_info(i).end_time] for i in sys.argv[2:]]))")
+    spans = json.loads(subprocess.run([sys.executable, "-c", query, address, *ids], capture_output=True, text=True,
+                                      env={**os.environ, **env}, check=True).stdout)
+    assert max(start for start, _ in spans) < min(end for _, end in spans)  # they ran at the same time
+    for rank in (4, 8):
+        run_dir = storage / "sweep" / f"adapter.r={rank}"
+        assert (run_dir / "adapter" / "COMMITTED").is_file()
+        assert f"r: {rank}\n" in (run_dir / "config.yaml").read_text()
+    report = cli("sweep", "report", str(storage / "sweep"))
+    assert report.returncode == 0, report.stderr
+    assert "adapter.r=4" in report.stdout and "adapter.r=8" in report.stdout

@@ -193,3 +193,18 @@ def test_dry_run_prints_the_script_and_submits_nothing(slurm_cluster, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("#!/bin/bash") and "#SBATCH --job-name=dry" in r.stdout
     assert not (tmp_path / "s").exists()
+
+
+def test_sweep_runs_in_parallel_as_slurm_jobs(slurm_cluster, tmp_path):
+    storage = tmp_path / "storage"
+    r = cli("train", "-m", "experiment=demo", "cluster=slurm", f"storage_path={storage}", "name=sweep", "tracking=none",
+            "trainer.max_steps=3", "trainer.save_every=0", "adapter.r=4,8", f"hydra.sweep.dir={tmp_path / 'multirun'}",
+            cwd=tmp_path, env=slurm_cluster, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    from launch.slurm import show
+
+    jobs = [show(line.split()[3]) for line in r.stdout.splitlines() if line.startswith("submitted slurm job ")]
+    assert len(jobs) == 2 and all(j["JobState"] == "COMPLETED" for j in jobs)
+    assert max(j["StartTime"] for j in jobs) < min(j["EndTime"] for j in jobs)  # both ran at once (ISO times)
+    for rank in (4, 8):
+        assert (storage / "sweep" / f"adapter.r={rank}" / "adapter" / "COMMITTED").is_file()
