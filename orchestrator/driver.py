@@ -145,7 +145,7 @@ def nodes_missing_file(directory: Path, nodes: list[dict]) -> list[str]:
     try:
         refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker))
                 for n in nodes]
-        return [n["NodeManagerAddress"] for n, ok in zip(nodes, ray.get(refs)) if not ok]
+        return [f"{n['NodeManagerAddress']} (node {n['NodeID'][:12]})" for n, ok in zip(nodes, ray.get(refs)) if not ok]
     finally:
         marker.unlink(missing_ok=True)
 

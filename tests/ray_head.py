@@ -52,7 +52,8 @@ def _kill_tree(pgid: int, marker: str) -> None:
 
 @contextmanager
 def ray_head(num_cpus: int = 2, timeout: float = 120):
-    """Yields the dashboard address (http://127.0.0.1:PORT) of a fresh `ray start --head --block`."""
+    """Yields (dashboard address http://127.0.0.1:PORT, GCS address, temp dir) of a fresh
+    `ray start --head --block`."""
     temp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths have a length limit
     ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
     ray = Path(sys.executable).with_name("ray")
@@ -75,7 +76,7 @@ def ray_head(num_cpus: int = 2, timeout: float = 120):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"ray head did not start:\n{(temp / 'head.log').read_text()[-3000:]}") from None
                 time.sleep(1)
-        yield address
+        yield address, f"127.0.0.1:{ports['--port']}", temp
     finally:
         _kill_tree(proc.pid, str(temp))
         proc.wait(timeout=30)

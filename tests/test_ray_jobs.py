@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -21,13 +22,13 @@ SECRET = "wandb-fake-key-5f2c9d1e7a"
 def head(demo_model, tmp_path_factory):
     """(dashboard address, environment for the submitting CLI)."""
     home = tmp_path_factory.mktemp("orchestrator-home")
-    with ray_head(num_cpus=2) as address:
+    with ray_head(num_cpus=2) as (address, gcs, temp):
         # The head enables Ray's token authentication; the client must opt in to send the token.
-        yield address, {"RAY_AUTH_MODE": "token", "ORCHESTRATOR_HOME": str(home), "WANDB_API_KEY": SECRET}
+        yield address, {"RAY_AUTH_MODE": "token", "ORCHESTRATOR_HOME": str(home), "WANDB_API_KEY": SECRET}, (gcs, temp)
 
 
 def submit(head, tmp_path: Path, *overrides: str, name: str = "run", timeout: float = 400):
-    address, env = head
+    address, env, _ = head
     return cli("train", "experiment=demo", "cluster=ray", f"cluster.address={address}", f"storage_path={tmp_path / 'storage'}",
                f"name={name}", "tracking.mode=offline", f"hydra.run.dir={tmp_path / 'submit' / name}", *overrides,
                cwd=tmp_path, env=env, timeout=timeout)
@@ -110,7 +111,7 @@ def test_cluster_refusals_carry_the_clusters_message(head, tmp_path):
     (closed,) = free_ports(1)
     r = submit(head, tmp_path, f"cluster.address=http://127.0.0.1:{closed}")
     assert r.returncode == 1 and f"cannot reach the Ray cluster at http://127.0.0.1:{closed}" in r.stderr
-    address, env = head
+    address, env, _ = head
     unauthenticated = cli("train", "experiment=demo", "cluster=ray", f"cluster.address={address}", f"storage_path={tmp_path}",
                           "name=x", f"hydra.run.dir={tmp_path / 'h'}", cwd=tmp_path, env={**env, "RAY_AUTH_MODE": "disabled"})
     assert unauthenticated.returncode == 1 and "Authentication required" in unauthenticated.stderr
@@ -127,7 +128,7 @@ def test_dry_run_prints_the_job_and_submits_nothing(head, tmp_path):
 
 
 def test_sweep_runs_in_parallel_as_ray_jobs(head, tmp_path):
-    address, env = head
+    address, env, _ = head
     storage = tmp_path / "storage"
     r = cli("train", "-m", "experiment=demo", "cluster=ray", f"cluster.address={address}", f"storage_path={storage}", "name=sweep",
             "strategy=single", "cluster.num_workers=1", "trainer.max_steps=3", "trainer.save_every=0", "adapter.r=4,8",
@@ -148,3 +149,32 @@ def test_sweep_runs_in_parallel_as_ray_jobs(head, tmp_path):
     report = cli("sweep", "report", str(storage / "sweep"))
     assert report.returncode == 0, report.stderr
     assert "adapter.r=4" in report.stdout and "adapter.r=8" in report.stdout
+
+
+def test_storage_a_node_cannot_see_is_refused_before_training(head, tmp_path):
+    """A second Ray node in a mount namespace of its own, where the storage directory is an empty
+    tmpfs: a node without the shared filesystem. Runs last: it changes the cluster."""
+    address, env, (gcs, temp) = head
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    ports = dict(zip(("node-manager", "object-manager", "metrics-export", "dashboard-agent-listen", "dashboard-agent-grpc",
+                      "runtime-env-agent"), free_ports(6)))
+    start = [str(Path(sys.executable).with_name("ray")), "start", "--block", f"--address={gcs}", "--num-cpus=1",
+             "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", *(f"--{k}-port={v}" for k, v in ports.items())]
+    node = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                             'mount -t tmpfs tmpfs "$0" && exec "$@"', str(storage), *start],
+                            env={**os.environ, **env}, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        count = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+                 "print(sum(n['Alive'] for n in ray.nodes()))")
+        _wait_for(lambda: subprocess.run([sys.executable, "-c", count, gcs], capture_output=True, text=True,
+                                         env={**os.environ, **env}).stdout.strip() == "2", 120, "the second node")
+        r = cli("train", "experiment=demo", "cluster=ray", f"cluster.address={address}", f"storage_path={storage}", "name=blind",
+                "strategy=single", "cluster.num_workers=1", f"hydra.run.dir={tmp_path / 'submit'}", cwd=tmp_path, env=env, timeout=400)
+        assert r.returncode == 1
+        blind = re.findall(rf"the run directory {re.escape(str(storage))}/blind is not visible from node\(s\) ([^;]+);", r.stdout)
+        assert len(blind) == 1 and blind[0].count("(node ") == 1, r.stdout[-2000:]  # the namespaced node, not the head
+        assert not (storage / "blind" / "checkpoints").exists()
+    finally:
+        os.killpg(node.pid, 9)
+        node.wait()

@@ -208,3 +208,34 @@ def test_sweep_runs_in_parallel_as_slurm_jobs(slurm_cluster, tmp_path):
     assert max(j["StartTime"] for j in jobs) < min(j["EndTime"] for j in jobs)  # both ran at once (ISO times)
     for rank in (4, 8):
         assert (storage / "sweep" / f"adapter.r={rank}" / "adapter" / "COMMITTED").is_file()
+
+
+def test_jobs_stop_cancels_a_slurm_job_and_its_ray_processes(slurm_cluster, tmp_path):
+    import psutil
+
+    r = submit(slurm_cluster, tmp_path, tmp_path / "storage", "stop-me", "trainer.max_steps=1000", "cluster.detach=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    job_id = slurm_job(r)["JobId"]
+    run_dir = tmp_path / "storage" / "stop-me"
+    deadline = time.monotonic() + 300
+    while not (run_dir / "metrics.jsonl").is_file():
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.5)
+    stop = cli("jobs", "stop", job_id, env=slurm_cluster)
+    assert stop.returncode == 0 and f"stop requested for {job_id}" in stop.stdout
+
+    def leftovers():
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(f"/tmp/ray-{job_id}/" in part or part == f"--temp-dir=/tmp/ray-{job_id}" for part in p.info["cmdline"] or []):
+                    found.append(p.pid)
+            except psutil.Error:
+                pass
+        return found
+
+    deadline = time.monotonic() + 60
+    while "CANCELLED" not in cli("jobs", "status", job_id, env=slurm_cluster).stdout or leftovers():
+        assert time.monotonic() < deadline, f"job {job_id} not stopped for sure: processes {leftovers()}"
+        time.sleep(1)
+    assert not (run_dir / "adapter").exists()
