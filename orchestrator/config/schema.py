@@ -54,6 +54,10 @@ class AdapterConfig:
     """Seed for adapter initialisation, so every worker starts from identical adapter weights."""
 
 
+# The DeepSpeed strategies and their ZeRO stage (the one list validation and the builders share).
+ZERO_STAGES = {"zero2": 2, "zero3": 3, "zero3_offload": 3}
+
+
 @dataclass
 class StrategyConfig:
     name: Literal["fsdp", "ddp", "single", "zero2", "zero3", "zero3_offload"] = "fsdp"

@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from orchestrator.config.schema import RunConfig
+from orchestrator.config.schema import ZERO_STAGES, RunConfig
 from orchestrator.config.typed import ConfigError
 
 
@@ -69,7 +69,7 @@ def _static(run: RunConfig) -> list[str]:
     return p
 
 
-DEEPSPEED = ("zero2", "zero3", "zero3_offload")
+DEEPSPEED = tuple(ZERO_STAGES)
 # Why each strategy that touches the base's storage needs the packed NF4 weights in model.dtype.
 _DS_CAST = "DeepSpeed casts the whole module to the training precision, which would reinterpret the packed 4-bit weights"
 SHARDS_BASE = {

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Callable, Protocol
 import torch
 from torch import nn
 
+from orchestrator.config.schema import ZERO_STAGES
+
 if TYPE_CHECKING:
     from orchestrator.config.schema import RunConfig
 
@@ -58,7 +60,7 @@ def build_strategy(run: "RunConfig") -> Strategy:
         return ReplicatedAdapterStrategy(cfg, shard_base)
     if cfg.name in ("ddp", "single"):
         return ReplicatedAdapterStrategy(cfg)
-    if cfg.name in ("zero2", "zero3", "zero3_offload"):
+    if cfg.name in ZERO_STAGES:
         from orchestrator.strategies.deepspeed import DeepSpeedStrategy
 
         return DeepSpeedStrategy(cfg, run)

@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from orchestrator.config.schema import ZERO_STAGES as STAGES
 from orchestrator.config.schema import RunConfig, StrategyConfig, flatten
 from orchestrator.strategies import OptimizerFactory
 
-STAGES = {"zero2": 2, "zero3": 3, "zero3_offload": 3}
 
 
 class DeepSpeedConfigConflict(ValueError):
