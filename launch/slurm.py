@@ -47,8 +47,7 @@ def render(run: RunConfig) -> str:
     per_node = c.num_workers // s.nodes
     ray_cpus = math.ceil(per_node * c.cpus_per_worker)
     config_yaml = OmegaConf.to_yaml(OmegaConf.create(as_dict(run)))
-    env, _ = job_env(run)
-    env = {k: v for k, v in env.items() if k != "PYTHONUNBUFFERED"} | {"PYTHONUNBUFFERED": "1"}
+    env, _ = job_env(run)  # secrets are not rendered: sbatch passes the submitting environment
     # bash uses `{#` (${#nodes[@]}): Jinja comments get delimiters bash never writes.
     templ = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False,
                                comment_start_string="{=#", comment_end_string="#=}")

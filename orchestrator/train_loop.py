@@ -322,6 +322,9 @@ def train_loop(config: dict) -> None:
         len(train), len(evals), steps, sampler.global_batch,
     )
     tracker.summary({"trainable_params": n_trainable, "total_params": n_total, "param_bytes_per_worker": frozen_per_worker})
+    # Names only: says whether the submitting shell's credentials reached the workers.
+    log.info("credentials in the worker environment: %s",
+             ", ".join(k for k in run.cluster.secret_env if os.environ.get(k)) or "none")
 
     def save(target: Path, step: int, with_state: bool, eval_loss: float | None = None) -> None:
         """Adapter (rank 0) and, for step checkpoints, the training state (all ranks) into one

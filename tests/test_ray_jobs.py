@@ -53,6 +53,7 @@ def test_demo_runs_as_ray_job_and_keeps_secrets_out_of_files(head, tmp_path):
     assert (run_dir / "adapter" / "COMMITTED").is_file() and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert [m["step"] for m in read_metrics(run_dir) if "loss" in m] == [1, 2, 3, 4]
     assert "trainable params" in r.stdout  # the workers' logs streamed to the submitting terminal
+    assert "credentials in the worker environment: WANDB_API_KEY" in r.stdout  # the secret did arrive
     jid = job_id(r)
     status = cli("jobs", "status", jid, env=head[1])
     assert status.returncode == 0 and f"{jid} SUCCEEDED" in status.stdout, status.stderr

@@ -131,6 +131,7 @@ def test_demo_through_sbatch_completes_without_injection_or_leaked_secrets(unint
     job = slurm_job(r)
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "0" and job["JobName"] == NAME  # a finished job is not requeued
     assert "trainable params" in r.stdout  # the job's log followed on the terminal
+    assert "credentials in the worker environment: HF_TOKEN" in r.stdout  # the secret did arrive
     assert not list(tmp.rglob("pwned")) and not Path("pwned").exists()
     written = [p for p in tmp.rglob("*") if p.is_file()] + list(Path(slurm_cluster["ORCHESTRATOR_HOME"]).rglob("*.json"))
     assert any(p.suffix == ".sbatch" for p in written) and any(p.name.startswith("slurm-") for p in written)
