@@ -105,7 +105,7 @@ def _train(cfg) -> float | None:
         run.tracking.name = run.tracking.name or label or run.name
         if run.storage_path and label:
             run.name = f"{run.name}/{label}"
-            run.output_dir = f"{run.storage_path.rstrip('/')}/{run.name}"
+            run.output_dir = run.storage_run_dir()
         if run.cluster.kind != "local" and "optuna" in str(hc.sweeper.get("_target_", "")).lower():
             raise ConfigError(["sweep: the Optuna sweeper runs trials one after another on the final eval loss "
                                "of each; run it with cluster=local, or use a grid preset for cluster sweeps"])
@@ -124,8 +124,9 @@ def _submit(run) -> bool:
 
     if Path(run.storage_path).exists():
         check_output_dir(run)  # refuse another run's directory here, not after queueing on the cluster
+    target = launch.target(run.cluster.kind)
     try:
-        job = launch.target(run.cluster.kind).submit(run)
+        job = target.submit(run)
     except launch.SubmitError as e:
         raise RunFailed(str(e)) from None
     if job is None:
@@ -137,11 +138,11 @@ def _submit(run) -> bool:
     if _multirun():
         _sweep_jobs.append(job)
         return False
-    state = launch.target(run.cluster.kind).follow(job)
+    state = target.follow(job)
     if state == "DETACHED":
         return False
     if state not in launch.SUCCEEDED:
-        _, message = launch.target(run.cluster.kind).status(job)
+        _, message = target.status(job)
         raise RunFailed(f"job {job['id']} ended {state}{': ' + message if message else ''}")
     print(f"adapter written to {run.output_dir}/adapter")
     return True

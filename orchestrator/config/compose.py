@@ -168,7 +168,7 @@ def resolve(cfg: DictConfig) -> RunConfig:
     run = to_typed(data, RunConfig)
     if run.storage_path and run.name:
         # The run's identity is its name under shared storage: the same name continues that run.
-        run.output_dir = f"{run.storage_path.rstrip('/')}/{run.name}"
+        run.output_dir = run.storage_run_dir()
     return run
 
 

@@ -256,6 +256,10 @@ class RunConfig:
     """auto: continue from the newest committed checkpoint in output_dir, if any. never: refuse an
     output_dir that holds checkpoints. A path: start from that committed step-<N> checkpoint."""
 
+    def storage_run_dir(self) -> str:
+        """<storage_path>/<name>: where a run on shared storage lives (its name is its identity)."""
+        return f"{self.storage_path.rstrip('/')}/{self.name}"
+
     def global_batch(self) -> int:
         t = self.trainer
         return t.micro_batch_size * t.grad_accum * self.cluster.num_workers
