@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -58,6 +59,12 @@ def job_env(run: RunConfig) -> tuple[dict[str, str], list[str]]:
         env.setdefault("ORCHESTRATOR_DEMO_DIR", os.environ["ORCHESTRATOR_DEMO_DIR"])
     secrets = [k for k in run.cluster.secret_env if os.environ.get(k)]
     return env, secrets
+
+
+def detached(job: dict) -> str:
+    """What following a job returns when the user presses Ctrl-C: the job itself goes on."""
+    print(f"\ndetached; job {job['id']} keeps running (`orchestrator jobs stop {job['id']}` stops it)", file=sys.stderr)
+    return "DETACHED"
 
 
 def target(kind: str):

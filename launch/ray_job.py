@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 import orchestrator
-from launch import SubmitError, job_env, record_job
+from launch import SubmitError, detached, job_env, record_job
 from orchestrator.config.schema import RunConfig, as_dict
 
 ACTIVE = ("PENDING", "RUNNING")
@@ -97,7 +97,7 @@ def submit(run: RunConfig) -> dict | None:
 
 def follow(job: dict) -> str:
     """Print the job's logs until it ends; returns its final state. Ctrl-C detaches, the job goes on."""
-    job_id, c = job["id"], client(_address(address=job.get("address")))
+    job_id, c = job["id"], _job_client(job)
 
     async def tail() -> None:
         async for chunk in c.tail_job_logs(job_id):
@@ -107,8 +107,7 @@ def follow(job: dict) -> str:
     try:
         asyncio.run(tail())
     except KeyboardInterrupt:
-        print(f"\ndetached; job {job_id} keeps running (`orchestrator jobs stop {job_id}` stops it)", file=sys.stderr)
-        return "DETACHED"
+        return detached(job)
     return _state(c.get_job_status(job_id))
 
 

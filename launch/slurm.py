@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from launch import SubmitError, job_env, jobs_dir, record_job
+from launch import SubmitError, detached, job_env, jobs_dir, record_job
 from orchestrator.config.schema import RunConfig, as_dict
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch.j2"
@@ -159,8 +159,7 @@ def follow(job: dict, poll_s: float = 2.0) -> str:
                 return state
             time.sleep(poll_s)
     except KeyboardInterrupt:
-        print(f"\ndetached; job {job['id']} keeps running (`orchestrator jobs stop {job['id']}` stops it)", file=sys.stderr)
-        return "DETACHED"
+        return detached(job)
 
 
 def stop(job: dict) -> None:

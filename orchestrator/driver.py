@@ -90,10 +90,8 @@ def _per_worker(run: RunConfig) -> dict[str, float]:
 
 def placeable_workers(nodes: list[dict], need: dict[str, float]) -> int:
     """How many workers fit on these nodes' total resources (ray.nodes() entries)."""
-    return sum(
-        int(min(n["Resources"].get(k, 0.0) / v for k, v in need.items() if v > 0) + 1e-9) if any(v > 0 for v in need.values()) else 0
-        for n in nodes
-    )
+    demands = {k: v for k, v in need.items() if v > 0}  # CPU at least: validation requires cpus_per_worker > 0
+    return sum(int(min(n["Resources"].get(k, 0.0) / v for k, v in demands.items()) + 1e-9) for n in nodes)
 
 
 def check_cluster(run: RunConfig) -> None:
