@@ -7,12 +7,11 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import cli, read_metrics
+from conftest import cli, read_metrics, wait_until
 from ray_head import free_ports, ray_head
 
 SECRET = "wandb-fake-key-5f2c9d1e7a"
@@ -65,13 +64,6 @@ def test_demo_runs_as_ray_job_and_keeps_secrets_out_of_files(head, tmp_path):
     assert [p for p in written if SECRET.encode() in p.read_bytes()] == []
 
 
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(1)
-
-
 def test_same_name_resumes_the_run_and_a_running_one_is_not_doubled(head, tmp_path):
     args = ("trainer.max_steps=300", "trainer.save_every=5")
     r = submit(head, tmp_path, *args, "cluster.detach=true", name="resumable")
@@ -81,10 +73,10 @@ def test_same_name_resumes_the_run_and_a_running_one_is_not_doubled(head, tmp_pa
     assert again.returncode == 1 and f"already running as Ray job {jid}" in again.stderr
 
     ckpts = tmp_path / "storage" / "resumable" / "checkpoints"
-    _wait_for(lambda: (ckpts / "step-5" / "COMMITTED").is_file(), 300, "the first checkpoint")
+    wait_until(lambda: (ckpts / "step-5" / "COMMITTED").is_file(), 300, "the first checkpoint")
     stop = cli("jobs", "stop", jid, env=head[1])
     assert stop.returncode == 0, stop.stderr
-    _wait_for(lambda: "STOPPED" in cli("jobs", "status", jid, env=head[1]).stdout, 120, "the job to stop")
+    wait_until(lambda: "STOPPED" in cli("jobs", "status", jid, env=head[1]).stdout, 120, "the job to stop")
     stopped_at = max(int(p.name.split("-")[1]) for p in ckpts.glob("step-*") if (p / "COMMITTED").is_file())
     assert stopped_at < 300
 
@@ -168,7 +160,7 @@ def test_storage_a_node_cannot_see_is_refused_before_training(head, tmp_path):
     try:
         count = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
                  "print(sum(n['Alive'] for n in ray.nodes()))")
-        _wait_for(lambda: subprocess.run([sys.executable, "-c", count, gcs], capture_output=True, text=True,
+        wait_until(lambda: subprocess.run([sys.executable, "-c", count, gcs], capture_output=True, text=True,
                                          env={**os.environ, **env}).stdout.strip() == "2", 120, "the second node")
         r = cli("train", "experiment=demo", "cluster=ray", f"cluster.address={address}", f"storage_path={storage}", "name=blind",
                 "strategy=single", "cluster.num_workers=1", f"hydra.run.dir={tmp_path / 'submit'}", cwd=tmp_path, env=env, timeout=400)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import cli, read_metrics
+from conftest import cli, read_metrics, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
@@ -146,10 +146,7 @@ def test_preemption_signal_checkpoints_requeues_and_resumes_to_the_same_adapter(
     assert r.returncode == 0, r.stderr[-3000:]
     job_id = slurm_job(r)["JobId"]
     run_dir = storage / "preempted"
-    deadline = time.monotonic() + 300
-    while not ((run_dir / "metrics.jsonl").is_file() and len(read_metrics(run_dir)) >= 3):
-        assert time.monotonic() < deadline, "training did not start"
-        time.sleep(0.5)
+    wait_until(lambda: (run_dir / "metrics.jsonl").is_file() and len(read_metrics(run_dir)) >= 3, 300, "training to start")
     # What Slurm sends before a preemption or the time limit (--signal=B:USR1), sent now.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
     done = cli("jobs", "logs", job_id, "--follow", env=slurm_cluster, timeout=600)
@@ -218,10 +215,7 @@ def test_jobs_stop_cancels_a_slurm_job_and_its_ray_processes(slurm_cluster, tmp_
     assert r.returncode == 0, r.stderr[-3000:]
     job_id = slurm_job(r)["JobId"]
     run_dir = tmp_path / "storage" / "stop-me"
-    deadline = time.monotonic() + 300
-    while not (run_dir / "metrics.jsonl").is_file():
-        assert time.monotonic() < deadline, "training did not start"
-        time.sleep(0.5)
+    wait_until((run_dir / "metrics.jsonl").is_file, 300, "training to start")
     stop = cli("jobs", "stop", job_id, env=slurm_cluster)
     assert stop.returncode == 0 and f"stop requested for {job_id}" in stop.stdout
 
