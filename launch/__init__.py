@@ -1,7 +1,8 @@
 """What starts a run on each target: `cluster=local` trains in this process (orchestrator.driver);
-`cluster=ray` submits a Ray Job (launch.ray_job); `cluster=slurm` submits an sbatch script that
-starts Ray across the allocation (launch.slurm). Both cluster targets run the same command on the
-cluster, `orchestrator run <config>`, so a run behaves the same wherever it is started.
+`cluster=ray` submits a Ray Job (orchestrator.launch.ray_job); `cluster=slurm` submits an sbatch
+script that starts Ray across the allocation (orchestrator.launch.slurm). Both cluster targets run
+the same command on the cluster, `orchestrator run <config>`, so a run behaves the same wherever it
+is started.
 
 Every submitted job is recorded in the job index (ORCHESTRATOR_HOME/jobs, default
 ~/.cache/orchestrator/jobs) so `orchestrator jobs status|logs|stop <id>` can find it again.
@@ -72,10 +73,10 @@ def target(kind: str):
     record (None for a dry run), follow(job) -> final state, status(job) -> (state, message),
     logs(job), stop(job)."""
     if kind == "slurm":
-        from launch import slurm
+        from orchestrator.launch import slurm
 
         return slurm
-    from launch import ray_job
+    from orchestrator.launch import ray_job
 
     return ray_job
 

@@ -1,6 +1,6 @@
 """cluster=ray: the run as a Ray Job on an existing cluster, through the Jobs API.
 
-The job's working_dir carries this checkout's `orchestrator` package and the composed config
+The job's working_dir carries this installation's `orchestrator` package and the composed config
 (`run.yaml`), so the cluster runs exactly the code and config that were submitted. The
 entrypoint names the interpreter explicitly (cluster.python): a Ray Job runs with the head
 node's PATH, not the submitter's.
@@ -21,8 +21,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 import orchestrator
-from launch import SubmitError, detached, job_env, record_job
+from orchestrator.launch import SubmitError, detached, job_env, record_job
 from orchestrator.config.schema import RunConfig, as_dict
+from orchestrator.packaged import packaged
 
 ACTIVE = ("PENDING", "RUNNING")
 
@@ -45,9 +46,14 @@ def client(address: str):
 
 
 def _stage(run: RunConfig, dest: Path) -> None:
-    """working_dir: the orchestrator package (no caches) and the composed config."""
-    shutil.copytree(Path(orchestrator.__file__).parent, dest / "orchestrator",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    """working_dir: the orchestrator package (no caches), laid out as in the wheel (a checkout keeps
+    launch/, conf/ and slurm/ at the top of the repository), and the composed config."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    package = dest / "orchestrator"
+    shutil.copytree(Path(orchestrator.__file__).parent, package, ignore=ignore)
+    for name in ("launch", "conf", "slurm"):
+        if not (package / name).exists():
+            shutil.copytree(packaged(name), package / name, ignore=ignore)
     (dest / "run.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(as_dict(run))))
 
 
