@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from dataclasses import fields
+from typing import get_type_hints
 
 import pytest
 
 from conftest import cli
-from orchestrator.config import CONF_DIR, ConfigError, compose, validate
+from orchestrator.config import CONF_DIR, ConfigError, RunConfig, TrainerConfig, as_dict, compose, validate
+from orchestrator.config.compose import check_group_overrides, group_options
+from orchestrator.config.schema import flatten
 from orchestrator.train_loop import check_step, TrainingDiverged
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -70,6 +74,110 @@ def test_all_problems_in_one_error(tmp_path, demo_model):
                      "adapter.target_modules: qkv_proj match no module of llama",
                      "strategy=single runs one process but cluster.num_workers=64"):
         assert expected in problems, problems
+
+
+# The groups whose options fill one section of RunConfig (experiment and sweep are global).
+SECTIONS = {g: opts for g, opts in group_options().items() if g in {f.name for f in fields(RunConfig)}}
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g, opts in sorted(SECTIONS.items()) for o in opts])
+def test_options_hold_only_what_they_change(group, option, tmp_path):
+    """Defaults live in the schema dataclasses: an option YAML sets only schema fields, each to a
+    value other than its default (but the field that names the option, e.g. kind: lora), and
+    composing it leaves every field it does not set at the dataclass default."""
+    from omegaconf import OmegaConf
+
+    from orchestrator.config.compose import _field_type
+
+    section = get_type_hints(RunConfig)[group]
+    default = flatten(as_dict(section()))
+    text = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml")) or {}
+    sets = flatten(text)
+    for key, value in sets.items():
+        assert _field_type(f"{group}.{key}")[1] is None, f"{group}/{option}: {key} is no field of the schema"
+        assert value != default.get(key) or value == option, f"{group}/{option}: {key}: {value!r} is the default"
+    required = [k for k, v in flatten(as_dict(RunConfig())).items() if v == "???" and k != "output_dir"]
+    run = compose([f"{group}={option}", f"output_dir={tmp_path}", *(f"{k}=/given" for k in required)])
+    composed = flatten(as_dict(getattr(run, group)))
+    left = [k for k in default if k not in sets and f"{group}.{k}" not in required]
+    assert {k: composed[k] for k in left} == {k: default[k] for k in left}
+
+
+def test_structured_config_keeps_every_field_and_default():
+    from omegaconf import OmegaConf
+
+    from orchestrator.config.structured import structured
+
+    assert OmegaConf.to_container(OmegaConf.structured(structured(RunConfig))) == as_dict(RunConfig())
+    cfg = OmegaConf.structured(structured(RunConfig))
+    cfg.strategy.name = "anything"  # Literal -> str: the valid names are to_typed's to check
+    cfg.adapter.target_modules = ["q_proj"]  # Union[str, list[str]] -> Any
+    cfg.quant.storage_dtype = None  # Optional stays Optional
+    with pytest.raises(Exception, match="could not be converted"):
+        cfg.trainer.lr = "fast"
+
+
+def test_override_values_are_checked_before_composition():
+    usable, problems = check_group_overrides([
+        "trainer.lr=fast", "trainer.lr=${optim.eps}", "adapter.r=4,8", "adapter.r=choice(4, x)",
+        "trainer.lr=tag(log, interval(1e-4, 1e-2))", "quant.storage_dtype=null", "trainer.max_steps=null",
+        "adapter.target_modules=[q_proj,v_proj]", "optim.betas=[0.9,fast]", "cluster.env.OMP_NUM_THREADS=4",
+        "cluster.resources_per_worker={a: 1}", "model.dtype=fp8", "name=2024", "~trainer.lr", "cluster.env.FOO.BAR=1",
+    ])
+    assert usable == [
+        "trainer.lr=${optim.eps}", "adapter.r=4,8", "trainer.lr=tag(log, interval(1e-4, 1e-2))", "quant.storage_dtype=null",
+        "adapter.target_modules=[q_proj,v_proj]", "++cluster.env.OMP_NUM_THREADS=4", "++cluster.resources_per_worker={a: 1}",
+        "name=2024",
+    ]
+    assert problems == [
+        "trainer.lr: expected a number, got 'fast'",
+        "adapter.r: expected an integer, got 'x'",
+        "trainer.max_steps: expected an integer, got None",
+        "optim.betas[1]: expected a number, got 'fast'",
+        "model.dtype: 'fp8' is not valid; expected one of 'bf16', 'fp16', 'fp32'",
+        "~trainer.lr: a field of the schema cannot be removed; set trainer.lr=<value> instead",
+        "cluster.env.FOO.BAR: unknown field; cluster.env.FOO is a value, not a mapping",
+    ]
+    run = compose(["experiment=demo", "output_dir=/tmp/x", "trainer.lr=${optim.eps}", "cluster.env.OMP_NUM_THREADS=4"])
+    assert run.trainer.lr == 1e-8 and run.cluster.env == {"OMP_NUM_THREADS": "4"}
+
+
+def test_user_config_dir_adds_options(tmp_path, demo_root):
+    mine = tmp_path / "my-conf"
+    (mine / "experiment").mkdir(parents=True)
+    (mine / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\n"
+        "# A user's own experiment, next to the shipped ones.\n"
+        "defaults:\n"
+        "  - override /strategy: zero2\n"
+        "  - override /adapter: dora\n"
+        "  - override /tracking: none\n"
+        "name: mine\n"
+        "trainer:\n"
+        "  max_steps: 5\n"
+        "  lr: 1.0e-3\n"
+    )
+    (mine / "data").mkdir()
+    (mine / "data" / "mydata.yaml").write_text("path: /data/mine.jsonl\nformat: chat\n")
+    assert "mine" in group_options([mine])["experiment"] and "mine" not in group_options()["experiment"]
+    _, problems = check_group_overrides(["experiment=mine"])
+    assert problems == ["experiment=mine: no such option; valid: " + ", ".join(group_options()["experiment"])]
+    assert check_group_overrides(["experiment=mine", "data=mydata"], config_dirs=[mine]) == (["experiment=mine", "data=mydata"], [])
+
+    run = compose(["experiment=mine", "data=mydata", f"output_dir={tmp_path / 'out'}", "adapter.r=8"], config_dirs=[mine])
+    assert run.name == "mine" and run.strategy.name == "zero2" and run.adapter.kind == "dora" and run.adapter.r == 8
+    assert run.trainer.max_steps == 5 and run.trainer.lr == 1e-3 and run.tracking.backend == "none"
+    assert run.data.path == "/data/mine.jsonl" and run.data.format == "chat"
+    assert run.model.dtype == "fp32" and run.trainer.micro_batch_size == TrainerConfig().micro_batch_size  # the rest: defaults
+    validate(run, environment=False)
+
+    with pytest.raises(ConfigError) as e:
+        compose(["experiment=mine", f"output_dir={tmp_path}"], config_dirs=[mine, tmp_path / "nope"])
+    assert e.value.problems == [f"config dir {tmp_path / 'nope'}: not a directory"]
+    # A mistake inside a user's YAML is named with its key and file.
+    (mine / "experiment" / "typo.yaml").write_text("# @package _global_\nadapter:\n  rank: 4\n")
+    with pytest.raises(ConfigError, match=r"adapter.rank: Key 'rank' not in 'AdapterConfig' \(In 'experiment/typo'"):
+        compose(["experiment=typo", f"output_dir={tmp_path}"], config_dirs=[mine])
 
 
 def test_check_step_stops_silent_failures():

@@ -4,10 +4,11 @@ the static validation refusals."""
 from __future__ import annotations
 
 import json
+from typing import get_args, get_type_hints
 
 import pytest
 
-from orchestrator.config.schema import RunConfig, StrategyConfig
+from orchestrator.config.schema import ZERO_STAGES, RunConfig, StrategyConfig
 from orchestrator.config.validate import _deepspeed_json, _static
 from orchestrator.strategies.deepspeed import DeepSpeedConfigConflict, build_ds_config
 
@@ -156,21 +157,34 @@ def test_build_strategy_wires_the_names():
     assert c["train_batch_size"] == 30 and c["zero_optimization"]["offload_param"] == {"device": "cpu"}
 
 
-def test_strategy_yamls_list_every_field():
+def test_zero_table_names_documented_strategies_with_an_option_each():
+    from orchestrator.config.compose import group_options
+
+    names = get_args(get_type_hints(StrategyConfig)["name"])
+    assert set(ZERO_STAGES) <= set(names) and set(ZERO_STAGES.values()) <= {1, 2, 3}
+    assert group_options()["strategy"] == sorted(names)  # one conf/strategy/<name>.yaml per name
+
+
+@pytest.mark.parametrize("name", sorted(get_args(get_type_hints(StrategyConfig)["name"])))
+def test_strategy_yamls_set_only_what_they_change(name, tmp_path):
+    """Defaults live in StrategyConfig: an option names itself and sets only the fields it must
+    change; composing it gives the dataclass default for every other field."""
     from dataclasses import fields
 
-    import yaml
+    from omegaconf import OmegaConf
 
-    from orchestrator.config import CONF_DIR
+    from orchestrator.config import CONF_DIR, compose
 
-    names = {f.name for f in fields(StrategyConfig)}
-    for n in ("fsdp", "ddp", "single", "zero2", "zero3", "zero3_offload"):
-        y = yaml.safe_load((CONF_DIR / "strategy" / f"{n}.yaml").read_text())
-        assert set(y) == names, (n, names ^ set(y))
-        assert y["name"] == n
+    y = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "strategy" / f"{name}.yaml"))
+    assert y["name"] == name
+    default = StrategyConfig()
+    assert all(hasattr(default, k) and getattr(default, k) != v for k, v in y.items() if k != "name"), y
+    run = compose(["experiment=demo", f"output_dir={tmp_path}", f"strategy={name}"])
+    for f in fields(StrategyConfig):
+        assert getattr(run.strategy, f.name) == y.get(f.name, getattr(default, f.name)), f.name
 
 
-@pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload"])
+@pytest.mark.parametrize("name", sorted(ZERO_STAGES))
 def test_compose_selects_the_zero_strategies(name, tmp_path):
     from orchestrator.config import compose
 

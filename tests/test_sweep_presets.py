@@ -1,5 +1,6 @@
 """`sweep=<name>` presets (conf/sweep/): the sweeper params they set, the alpha = 2 * r coupling
-through the `mul` resolver, the override pre-check, and real multiruns driven by a preset."""
+through the `mul` resolver, the override pre-check, and a real Optuna sweep (a real grid sweep
+driven by a preset: test_sweep.py)."""
 
 from __future__ import annotations
 
@@ -114,28 +115,7 @@ def test_cli_rejects_an_unknown_preset(tmp_path):
     assert "sweep=nope: no such option; valid: lr_rank, optuna_rank_alpha, rank_alpha_2r, rank_alpha_grid" in r.stderr
 
 
-def test_real_sweep_with_a_preset(tmp_path, demo_root):
-    from orchestrator import report
-
-    sweep = tmp_path / "sweep"
-    # The preset's 4 ranks, cut to 2 by a command-line sweep of the same key (it replaces the preset's).
-    r = cli("train", "-m", "experiment=demo", "sweep=rank_alpha_2r", "adapter.r=4,8", "trainer.max_steps=2",
-            "trainer.save_every=0", "tracking=none", f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=900)
-    assert r.returncode == 0, r.stderr[-2000:]
-    runs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "adapter" / "COMMITTED").is_file())
-    assert len(runs) == 2
-    ranks = []
-    for run in runs:
-        cfg = yaml.safe_load((run / "config.yaml").read_text())
-        assert cfg["adapter"]["alpha"] == 2 * cfg["adapter"]["r"]
-        assert "sweep" not in cfg
-        ranks.append(cfg["adapter"]["r"])
-        adapter_cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
-        assert adapter_cfg["r"] == cfg["adapter"]["r"] and adapter_cfg["lora_alpha"] == 2 * cfg["adapter"]["r"]
-    assert sorted(ranks) == [4, 8]
-    assert {(row["r"], row["alpha"]) for row in report.collect(sweep)} == {(4, 8), (8, 16)}
-
-
+@pytest.mark.slow
 @needs_optuna
 def test_real_optuna_sweep(tmp_path, demo_root):
     """Needs `_train_task` to return the run's final eval loss (Optuna's objective)."""

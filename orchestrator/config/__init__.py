@@ -1,6 +1,6 @@
 """Run configuration: schema, composition from conf/, and validation."""
 
-from orchestrator.config.compose import CONF_DIR, check_group_overrides, compose, resolve
+from orchestrator.config.compose import CONF_DIR, check_group_overrides, compose, group_options, resolve
 from orchestrator.config.schema import (
     AdapterConfig,
     ClusterConfig,
@@ -20,5 +20,5 @@ from orchestrator.config.validate import validate
 __all__ = [
     "CONF_DIR", "AdapterConfig", "ClusterConfig", "ConfigError", "DataConfig", "ModelConfig",
     "OptimConfig", "QuantConfig", "RunConfig", "StrategyConfig", "TrackingConfig", "TrainerConfig",
-    "as_dict", "check_group_overrides", "compose", "resolve", "to_typed", "validate",
+    "as_dict", "check_group_overrides", "compose", "group_options", "resolve", "to_typed", "validate",
 ]

@@ -5,14 +5,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from orchestrator.config.schema import RunConfig
-from orchestrator.config.typed import ConfigError, to_typed
+from orchestrator.config.structured import register as register_schema
+from orchestrator.config.typed import ConfigError, check_value, to_typed
+from orchestrator.packaged import packaged
 
-CONF_DIR = Path(os.environ.get("ORCHESTRATOR_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))
+CONF_DIR = Path(os.environ.get("ORCHESTRATOR_CONF_DIR", packaged("conf")))
 
 
 def _demo(kind: str) -> str:
@@ -55,25 +59,40 @@ if not OmegaConf.has_resolver("mul"):
 # Sweepers a `sweep=` preset may select that are plugins outside hydra-core: (module, pip spec).
 SWEEPER_PLUGINS = {"optuna": ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper==1.3.0")}
 
+# The schema dataclasses, as the structured config conf/config.yaml's defaults list starts with.
+register_schema()
 
-def group_options() -> dict[str, list[str]]:
-    return {
-        d.name: sorted(p.stem for p in d.glob("*.yaml"))
-        for d in sorted(CONF_DIR.iterdir())
-        if d.is_dir()
-    }
+ConfigDirs = Sequence["str | os.PathLike[str]"]
+"""Config directories of the user's own, searched after conf/ (Hydra's --config-dir)."""
 
 
-def _missing_sweeper_plugin(preset: str) -> str | None:
+def _search_dirs(config_dirs: ConfigDirs = ()) -> list[Path]:
+    """conf/ first, then the user's directories: the order in which Hydra looks for an option."""
+    return [CONF_DIR, *(Path(d).expanduser().resolve() for d in config_dirs)]
+
+
+def group_options(config_dirs: ConfigDirs = ()) -> dict[str, list[str]]:
+    """Every config group and its options (YAML files) in conf/ and in `config_dirs`."""
+    options: dict[str, set[str]] = {}
+    for root in _search_dirs(config_dirs):
+        if root.is_dir():
+            for d in root.iterdir():
+                if d.is_dir():
+                    options.setdefault(d.name, set()).update(p.stem for p in d.glob("*.yaml"))
+    return {group: sorted(names) for group, names in sorted(options.items())}
+
+
+def _missing_sweeper_plugin(preset: str, config_dirs: ConfigDirs = ()) -> str | None:
     """Problem text if sweep=<preset> selects a sweeper plugin that is not installed (Hydra alone
     would say "Could not find 'hydra/sweeper/optuna'")."""
     import importlib.util
 
     import yaml
 
+    found_in = [p for d in _search_dirs(config_dirs) for p in [d / "sweep" / f"{preset}.yaml"] if p.is_file()]
     try:
-        text = yaml.safe_load((CONF_DIR / "sweep" / f"{preset}.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        text = yaml.safe_load(found_in[0].read_text()) or {}
+    except (IndexError, OSError, yaml.YAMLError):
         return None
     for entry in text.get("defaults") or []:
         if not isinstance(entry, dict):
@@ -90,20 +109,23 @@ def _missing_sweeper_plugin(preset: str) -> str | None:
     return None
 
 
-def _unknown_field(dotted: str) -> str | None:
-    """Problem text if `dotted` names no field of the schema (Hydra would abort on it alone)."""
-    cls: type = RunConfig
+def _field_type(dotted: str) -> tuple[Any, str | None]:
+    """(schema type of the field `dotted` names, None), or (None, problem text) if it names no
+    field (Hydra would abort on it alone). A key inside a dict field (cluster.env.FOO) has the
+    dict's value type; below a leaf the type is None, left to Hydra and `to_typed`."""
+    tp: Any = RunConfig
     parts = dotted.split(".")
     for i, part in enumerate(parts):
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if part not in fields:
-            where = ".".join(parts[:i] + [part])
-            return f"{where}: unknown field; valid fields: {', '.join(fields)}"
-        tp = typing.get_type_hints(cls)[part]
-        if not dataclasses.is_dataclass(tp):
-            return None  # a leaf (dict fields take any sub-key)
-        cls = tp
-    return None
+        if dataclasses.is_dataclass(tp):
+            fields = [f.name for f in dataclasses.fields(tp)]
+            if part not in fields:
+                return None, f"{'.'.join(parts[:i + 1])}: unknown field; valid fields: {', '.join(fields)}"
+            tp = typing.get_type_hints(tp)[part]
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        else:
+            return None, f"{dotted}: unknown field; {'.'.join(parts[:i])} is a value, not a mapping"
+    return tp, None
 
 
 def _in_mapping_field(dotted: str) -> bool:
@@ -121,33 +143,82 @@ def _in_mapping_field(dotted: str) -> bool:
     return False
 
 
-def check_group_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
-    """Split overrides into (usable, problems) so that an unknown group option or field is
-    reported together with every other problem instead of aborting composition on its own."""
+def _has_interpolation(value: Any) -> bool:
+    if isinstance(value, str):
+        return "${" in value
+    if isinstance(value, (list, tuple)):
+        return any(_has_interpolation(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_interpolation(v) for v in value.values())
+    return False
+
+
+def _value_problems(ov: Any, tp: Any) -> list[str]:
+    """Type problems of an override's value(s) as schema type `tp`: every value of a choice or
+    range sweep is checked; interpolations (resolved later), `???` and intervals are not."""
+    from hydra.core.override_parser.types import IntervalSweep
+
+    if ov.is_sweep_override():
+        if isinstance(ov.value(), IntervalSweep):
+            return []
+        try:
+            values = list(ov.sweep_iterator())
+        except Exception:  # noqa: BLE001 - a sweep Hydra cannot enumerate is left to the sweeper
+            return []
+    else:
+        values = [ov.value()]
+    problems: list[str] = []
+    for v in values:
+        if v != MISSING and not _has_interpolation(v):
+            problems += [p for p in check_value(v, tp, ov.key_or_group) if p not in problems]
+    return problems
+
+
+def check_group_overrides(overrides: Sequence[str], config_dirs: ConfigDirs = ()) -> tuple[list[str], list[str]]:
+    """Split overrides into (usable, problems) so that an unknown group option or field, or a
+    value of the wrong type, is reported together with every other problem instead of aborting
+    composition on its own (the structured config makes Hydra check types as it composes).
+    `config_dirs`: the user's config directories, whose options count too."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    groups = group_options()
+    overrides = list(overrides)
+    problems: list[str] = [f"config dir {d}: not a directory" for d in _search_dirs(config_dirs)[1:] if not d.is_dir()]
+    groups = group_options(config_dirs)
     parsed = OverridesParser.create().parse_overrides(overrides)
-    usable, problems = [], []
+    usable: list[str] = []
     for text, ov in zip(overrides, parsed):
         key = ov.key_or_group
-        if key not in groups and not ov.is_add() and not key.startswith("hydra"):
-            problem = _unknown_field(key)
-            if problem:
-                problems.append(problem)
-                continue
-        if key in groups and not ov.is_delete():
-            values = ov.value()
-            choices = values if isinstance(values, list) else [values]
-            if ov.is_sweep_override():
-                choices = list(ov.sweep_string_iterator())
-            bad = [c for c in choices if c is not None and str(c) not in groups[key]]
-            if bad:
-                problems.append(f"{key}={','.join(map(str, bad))}: no such option; valid: {', '.join(groups[key])}")
-                continue
-            missing = [m for c in choices if key == "sweep" and c is not None for m in [_missing_sweeper_plugin(str(c))] if m]
-            if missing:
-                problems.extend(missing)
+        if key in groups:
+            if not ov.is_delete():
+                values = ov.value()
+                choices = values if isinstance(values, list) else [values]
+                if ov.is_sweep_override():
+                    choices = list(ov.sweep_string_iterator())
+                bad = [c for c in choices if c is not None and str(c) not in groups[key]]
+                if bad:
+                    problems.append(f"{key}={','.join(map(str, bad))}: no such option; valid: {', '.join(groups[key])}")
+                    continue
+                missing = [m for c in choices if key == "sweep" and c is not None
+                           for m in [_missing_sweeper_plugin(str(c), config_dirs)] if m]
+                if missing:
+                    problems.extend(missing)
+                    continue
+            usable.append(text)
+            continue
+        if key.startswith("hydra"):
+            usable.append(text)
+            continue
+        tp, problem = _field_type(key)
+        if problem:
+            problems.append(problem)
+            continue
+        if ov.is_delete() and not ("." in key and _in_mapping_field(key.rsplit(".", 1)[0])):
+            problems.append(f"~{key}: a field of the schema cannot be removed; set {key}=<value> instead")
+            continue
+        if tp is not None and not ov.is_delete() and not dataclasses.is_dataclass(tp):
+            bad_values = _value_problems(ov, tp)
+            if bad_values:
+                problems.extend(bad_values)
                 continue
         # Dict fields take new keys (cluster.env.FOO=1): `++` lets Hydra add them to a struct config.
         usable.append("++" + text if not text.startswith(("+", "~")) and _in_mapping_field(key) else text)
@@ -172,17 +243,48 @@ def resolve(cfg: DictConfig) -> RunConfig:
     return run
 
 
-def compose(overrides: list[str] | None = None) -> RunConfig:
+def _quoted(text: str) -> str:
+    """`text` as a quoted string of Hydra's override grammar."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _composition_problem(e: Exception) -> str:
+    """One line for what Hydra stopped composing on (an option YAML with an unknown key or a
+    value of the wrong type, which `check_group_overrides` cannot see)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    where = str(e).splitlines()[0] if str(e) else type(e).__name__
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        key = getattr(cause, "full_key", None)
+        msg = (getattr(cause, "msg", None) or str(cause)).splitlines()[0]
+        return f"{key + ': ' if key else ''}{msg} ({where.rstrip(':')})"
+    return " ".join(str(e).split())
+
+
+def compose(overrides: Sequence[str] | None = None, config_dirs: ConfigDirs = ()) -> RunConfig:
     """Compose conf/ with overrides outside a Hydra app (tests, library use).
 
     `output_dir` must be given as an override, since Hydra's run directory exists only in an app.
+    `config_dirs`: the user's config directories, searched after conf/ (like --config-dir), so
+    their options (experiment=mine) can be selected.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-    usable, problems = check_group_overrides(list(overrides or []))
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=usable)
+    usable, problems = check_group_overrides(list(overrides or []), config_dirs)
+    extra = [d for d in _search_dirs(config_dirs)[1:] if d.is_dir()]
+    if extra:
+        usable.append(f"hydra.searchpath=[{','.join(_quoted(f'file://{d}') for d in extra)}]")
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=usable)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(problems + [_composition_problem(e)]) from None
     try:
         run = resolve(cfg)
     except ConfigError as e:

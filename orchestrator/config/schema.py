@@ -1,8 +1,11 @@
 """Typed run configuration.
 
-The dataclasses are the schema of `conf/`: Hydra composes YAML into a plain dict, and
-`orchestrator.config.typed.to_typed` turns it into a `RunConfig`, collecting every type error
-and unknown key instead of stopping at the first. Each field's docstring is its documentation.
+The dataclasses are the schema of `conf/` and the one place defaults live: Hydra composes the
+YAML options on top of them (`orchestrator.config.structured` registers an OmegaConf-compatible
+copy as the structured config `run_schema`), so an option YAML holds only what it changes.
+`orchestrator.config.typed.to_typed` then turns the result into a `RunConfig`, collecting every
+type error and unknown key instead of stopping at the first. Each field's docstring is its
+documentation.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ class ModelConfig:
     dtype: Dtype = "bf16"
     """Dtype of the frozen base and of 4-bit compute. fp32 is meant for CPU runs and tests."""
     gradient_checkpointing: bool = False
-    """Recompute activations in backward (non-reentrant, works with a frozen base)."""
+    """Recompute activations in backward (non-reentrant, works with a frozen base). Off for small
+    models; model=hf turns it on, which is what an 8B+ model needs to fit its activations."""
     trust_remote_code: bool = False
     """Passed to from_pretrained; only for architectures that ship their own code."""
     attn_implementation: str = "sdpa"
@@ -54,7 +58,9 @@ class AdapterConfig:
     """Seed for adapter initialisation, so every worker starts from identical adapter weights."""
 
 
-# The DeepSpeed strategies and their ZeRO stage (the one list validation and the builders share).
+# The DeepSpeed strategies and their ZeRO stage: the one table that validation, the strategy
+# factory and the DeepSpeed config builder derive from (StrategyConfig.name lists them for the
+# documentation; tests check that the two agree).
 ZERO_STAGES = {"zero2": 2, "zero3": 3, "zero3_offload": 3}
 
 
@@ -190,7 +196,8 @@ class ClusterConfig:
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     """Extra Ray resources per worker (e.g. {accelerator_type:H100: 0.001})."""
     max_failures: int = 0
-    """Worker-group restarts Ray Train may attempt before the run fails."""
+    """Worker-group restarts Ray Train may attempt before the run fails. cluster=ray sets 1: a
+    restart resumes from the last checkpoint in storage_path."""
     address: Optional[str] = None
     """Ray cluster: the dashboard address (http://head:8265) for cluster=ray, else the address to
     connect to; None reads RAY_ADDRESS, or (local) starts a Ray instance."""

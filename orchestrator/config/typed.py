@@ -120,6 +120,14 @@ def _build(data: Any, cls: type, path: str, errors: list[str]) -> Any:
         return None
 
 
+def check_value(value: Any, tp: Any, path: str) -> list[str]:
+    """The problems of `value` as a value of schema type `tp` at `path` (none: an empty list), in
+    the words `to_typed` uses: how command-line overrides are checked before composition."""
+    errors: list[str] = []
+    _convert(value, tp, path, errors)
+    return errors
+
+
 def to_typed(data: dict, cls: type[T]) -> T:
     """Build `cls` from a plain dict or raise ConfigError listing every problem."""
     errors: list[str] = []

@@ -69,7 +69,9 @@ def _static(run: RunConfig) -> list[str]:
     return p
 
 
+# The DeepSpeed strategies, from the one table of ZeRO stages (schema.ZERO_STAGES).
 DEEPSPEED = tuple(ZERO_STAGES)
+_DEEPSPEED_LIST = ", ".join(DEEPSPEED[:-1]) + " or " + DEEPSPEED[-1]
 # Why each strategy that touches the base's storage needs the packed NF4 weights in model.dtype.
 _DS_CAST = "DeepSpeed casts the whole module to the training precision, which would reinterpret the packed 4-bit weights"
 SHARDS_BASE = {
@@ -126,12 +128,12 @@ def _deepspeed_static(run: RunConfig) -> list[str]:
         if s.offload:
             p.append(
                 f"strategy.offload=true with strategy={s.name}: CPU offload is a DeepSpeed option; "
-                "use strategy=zero2 or strategy=zero3 with strategy.offload=true, or strategy=zero3_offload"
+                f"use one of strategy={_DEEPSPEED_LIST} with strategy.offload=true"
             )
         if s.ds_config:
             p.append(
                 f"strategy.ds_config={s.ds_config} with strategy={s.name}: a DeepSpeed JSON only applies to "
-                "strategy=zero2, zero3 or zero3_offload; remove strategy.ds_config or pick one of those"
+                f"strategy={_DEEPSPEED_LIST}; remove strategy.ds_config or pick one of those"
             )
         return p
     if s.name == "zero3_offload" and not s.offload:

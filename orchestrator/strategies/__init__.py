@@ -2,7 +2,8 @@
 
 A strategy decides how the frozen base is laid out across workers and how adapter gradients
 meet; the training loop only talks to this Protocol. A new strategy is one module implementing
-it plus one conf/strategy/*.yaml.
+it, its name in StrategyConfig.name (and in schema.ZERO_STAGES, with its stage, for a DeepSpeed
+one), and a conf/strategy/<name>.yaml that sets `name` and whatever else it changes.
 """
 
 from __future__ import annotations
