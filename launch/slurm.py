@@ -20,10 +20,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from launch import SubmitError, detached, job_env, jobs_dir, record_job
+from orchestrator.launch import SubmitError, detached, job_env, jobs_dir, record_job
 from orchestrator.config.schema import RunConfig, as_dict
+from orchestrator.rundir import PREEMPTED_EXIT, RunDir
+from orchestrator.packaged import packaged
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch.j2"
+TEMPLATE = packaged("slurm") / "train.sbatch.j2"
 ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "SUSPENDED",
           "RESIZING", "SIGNALING", "STAGE_OUT")
 _PLAIN = re.compile(r"[A-Za-z0-9_.,:/=+@%-]+")
@@ -44,6 +46,7 @@ def render(run: RunConfig) -> str:
     import jinja2
 
     c, s = run.cluster, run.cluster.slurm
+    rundir = RunDir(Path(run.output_dir))
     per_node = c.num_workers // s.nodes
     ray_cpus = math.ceil(per_node * c.cpus_per_worker)
     config_yaml = OmegaConf.to_yaml(OmegaConf.create(as_dict(run)))
@@ -61,13 +64,15 @@ def render(run: RunConfig) -> str:
         mem=s.mem,
         time=s.time,
         optional=[(k, getattr(s, k)) for k in ("partition", "account", "qos", "constraint") if getattr(s, k)],
-        log_path=f"{run.output_dir.replace('%', '%%')}/slurm/slurm-%j.out",  # %j: Slurm's job id
+        log_path=str(RunDir(Path(run.output_dir.replace("%", "%%"))).slurm_log("%j")),  # sbatch expands %j, so % is doubled
         requeue=s.requeue,
         signal_grace_s=s.signal_grace_s,
         extra_sbatch=s.extra_sbatch,
         setup=s.setup,
         python=c.python or sys.executable,
         run_dir=run.output_dir,
+        slurm_dir=str(rundir.slurm),
+        preempted_exit=PREEMPTED_EXIT,
         env=sorted(env.items()),
         ray_cpus=ray_cpus,
         config_yaml=config_yaml,
@@ -102,14 +107,14 @@ def submit(run: RunConfig) -> dict | None:
     if running:
         raise SubmitError(f"the run in {run.output_dir} is already queued or running as Slurm job {running}; "
                           f"`orchestrator jobs stop {running}` stops it, or give the new run another name")
-    slurm_dir = Path(run.output_dir) / "slurm"
-    slurm_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the log's directory
-    path = slurm_dir / f"job-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}.sbatch"
+    rundir = RunDir(Path(run.output_dir))
+    rundir.slurm.mkdir(parents=True, exist_ok=True)  # sbatch does not create the log's directory
+    path = rundir.slurm / f"job-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}.sbatch"
     path.write_text(script)
     out = _run(["sbatch", "--parsable", str(path)], "sbatch refused the job")
     job_id = out.strip().split(";")[0]
     return record_job(job_id, "slurm", run_dir=run.output_dir, script=str(path),
-                      log=str(slurm_dir / f"slurm-{job_id}.out"))
+                      log=str(rundir.slurm_log(job_id)))
 
 
 def show(job_id: str) -> dict[str, str]:

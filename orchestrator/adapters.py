@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from orchestrator.config.schema import AdapterConfig
+from orchestrator.rundir import MANIFEST
 
 ALL_LINEAR = "all-linear"
 
@@ -97,4 +98,4 @@ def save_adapter(
     trainable = {k: v.detach().to("cpu").contiguous() for k, v in trainable.items()}
     check_adapter(to_peft_keys(peft_model, trainable), expected)
     peft_model.save_pretrained(str(out_dir), state_dict=trainable, safe_serialization=True)
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

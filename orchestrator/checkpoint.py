@@ -9,16 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Callable
 
-MARKER = "COMMITTED"
-# Written into a run directory by the driver when the cluster warns of preemption or the end of
-# the time limit: the workers commit a checkpoint at the next step boundary and stop.
-PREEMPT_REQUEST = "PREEMPT_REQUESTED"
-STEP_DIR = re.compile(r"^step-(\d+)$")
+from orchestrator.rundir import MARKER, STATE, STEP_DIR, TRAINER_STATE
 
 
 def _fsync_tree(root: Path) -> None:
@@ -110,7 +105,7 @@ def step_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
 
 def eval_loss(ckpt: Path) -> float | None:
     """The eval loss recorded with a step checkpoint, if its step was evaluated."""
-    state = ckpt / "state" / "trainer_state.json"
+    state = ckpt / STATE / TRAINER_STATE
     return json.loads(state.read_text()).get("eval_loss") if state.is_file() else None
 
 

@@ -11,6 +11,7 @@ import torch
 from orchestrator import checkpoint
 from orchestrator.config.schema import ModelConfig, QuantConfig
 from orchestrator.model import fingerprint, load_base, load_tokenizer
+from orchestrator.rundir import ADAPTER_WEIGHTS, MANIFEST
 
 log = logging.getLogger("orchestrator")
 
@@ -31,7 +32,7 @@ def merge(adapter: Path, output: Path, base: Path | None = None, dtype: str = "b
     from safetensors.torch import load_file
 
     adapter, output = Path(adapter), Path(output)
-    manifest_file = adapter / "manifest.json"
+    manifest_file = adapter / MANIFEST
     if not manifest_file.is_file():
         raise MergeError(f"{adapter} has no manifest.json: not an adapter written by orchestrator")
     manifest = json.loads(manifest_file.read_text())
@@ -50,7 +51,7 @@ def merge(adapter: Path, output: Path, base: Path | None = None, dtype: str = "b
                     "quantization error to the result; merge into the original full-precision base if you have it", base)
 
     model = PeftModel.from_pretrained(load_base(model_cfg, QuantConfig(kind="none"), "cpu"), str(adapter))
-    saved = set(load_file(adapter / "adapter_model.safetensors"))
+    saved = set(load_file(adapter / ADAPTER_WEIGHTS))
     expected = set(get_peft_model_state_dict(model))
     if saved != expected:
         raise MergeError(f"{adapter} does not fit this base's adapter layout: missing {sorted(expected - saved)[:5]}, "

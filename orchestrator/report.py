@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from orchestrator.rundir import ADAPTER, ADAPTER_WEIGHTS, CHECKPOINTS, RunDir
+
 COLUMNS = [
     "run", "r", "alpha", "overrides", "final_eval_loss", "best_eval_loss", "final_loss",
     "tokens_per_s", "peak_memory_mib", "trainable_params", "steps", "status",
@@ -35,7 +37,7 @@ SHORT_HEADERS = {  # for the terminal, where width is short
 # Keys Hydra leaves out of the run directory's name (conf/config.yaml): not part of what a run is.
 _IGNORED_KEYS = {"output_dir", "resume", "cluster.address", "tracking.mode"}
 _AXIS_KEYS = {"adapter.r", "adapter.alpha"}
-_SKIP_DIRS = {"report", "adapter", "checkpoints", ".hydra"}
+_SKIP_DIRS = {"report", ADAPTER, CHECKPOINTS, ".hydra"}
 LOSS_UNIT = "nats/token"
 
 
@@ -56,7 +58,7 @@ def find_runs(sweep_dir: Path) -> list[Path]:
 
 
 def _is_run(d: Path) -> bool:
-    return (d / "config.yaml").is_file() or (d / ".hydra" / "overrides.yaml").is_file()
+    return RunDir(d).config.is_file() or (d / ".hydra" / "overrides.yaml").is_file()
 
 
 def _number(v: Any) -> Any:
@@ -87,7 +89,7 @@ def _split_override(o: str) -> tuple[str, str]:
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(train rows, eval rows) of metrics.jsonl; a half-written last line is skipped."""
     train, evals = [], []
-    f = run_dir / "metrics.jsonl"
+    f = RunDir(run_dir).metrics
     if not f.is_file():
         return train, evals
     for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -109,10 +111,11 @@ def trainable_params(run_dir: Path) -> int | None:
     final adapter falls back to its newest checkpoint's."""
     from safetensors import safe_open
 
-    candidates = [run_dir / "adapter" / "adapter_model.safetensors"]
-    ckpts = sorted((run_dir / "checkpoints").glob("step-*/adapter/adapter_model.safetensors"),
-                   key=lambda p: int(p.parent.parent.name.split("-")[-1]) if p.parent.parent.name.split("-")[-1].isdigit() else -1)
-    candidates += ckpts[::-1]
+    from orchestrator.checkpoint import step_checkpoints
+
+    rundir = RunDir(run_dir)
+    candidates = [rundir.adapter / ADAPTER_WEIGHTS]
+    candidates += [ckpt / ADAPTER / ADAPTER_WEIGHTS for _, ckpt in reversed(step_checkpoints(rundir.checkpoints))]
     for path in candidates:
         if not path.is_file():
             continue
@@ -146,9 +149,9 @@ def collect(sweep_dir: Path) -> list[dict]:
     rows = []
     for run_dir in find_runs(sweep_dir):
         cfg: dict = {}
-        if (run_dir / "config.yaml").is_file():
+        if RunDir(run_dir).config.is_file():
             try:
-                cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+                cfg = yaml.safe_load(RunDir(run_dir).config.read_text()) or {}
             except yaml.YAMLError:
                 cfg = {}
         overrides = _overrides(run_dir)
@@ -164,7 +167,7 @@ def collect(sweep_dir: Path) -> list[dict]:
         peaks = [float(t["peak_memory_bytes"]) for t in train if t.get("peak_memory_bytes") is not None]
         steps = [int(x["step"]) for x in train + evals]
 
-        if (run_dir / "adapter" / "COMMITTED").is_file():
+        if RunDir(run_dir).is_complete():
             status = "done"
         else:
             err = _error(run_dir)

@@ -12,10 +12,35 @@ import uuid
 from pathlib import Path
 
 from orchestrator.config.schema import RunConfig, TrackingConfig, as_dict
+from orchestrator.rundir import RunDir
 
 log = logging.getLogger("orchestrator")
 
-WANDB_ID_FILE = "wandb_run_id"
+
+def _ray_bar_class():
+    """tqdm_ray's bar (drawn by the driver, not as mangled worker logs), its state lines written to
+    the worker's stdout directly. tqdm_ray print()s them, and in a Ray Train worker print() is
+    patched to log every line to stderr as well (RAY_TRAIN_ENABLE_PRINT_PATCH): the driver got
+    each state twice, and the copy of the final one, arriving after the bar had closed, opened a
+    second bar that redrew from 0%."""
+    import sys
+    import time
+
+    import ray
+    from ray.experimental import tqdm_ray
+
+    class Bar(tqdm_ray.tqdm):
+        def _dump_state(self, force_flush: bool = False) -> None:
+            if ray._private.worker.global_worker.mode != ray.WORKER_MODE:  # Ray Train's local mode
+                return super()._dump_state(force_flush)
+            now = time.time()
+            if not force_flush and now - self._last_flush_time < self._flush_interval_s:
+                return
+            self._last_flush_time = now
+            sys.stdout.write(json.dumps(self._get_state()) + "\n")
+            sys.stdout.flush()
+
+    return Bar
 
 
 def _progress_bar(total: int, initial: int):
@@ -23,7 +48,7 @@ def _progress_bar(total: int, initial: int):
         import ray.train
 
         ray.train.get_context()
-        from ray.experimental.tqdm_ray import tqdm  # renders on the driver, not as mangled worker logs
+        tqdm = _ray_bar_class()
     except Exception:  # noqa: BLE001 - not inside Ray Train: a plain terminal bar
         from tqdm import tqdm
     bar = tqdm(total=total, desc="train", unit="step")  # tqdm_ray has no `initial`
@@ -32,10 +57,10 @@ def _progress_bar(total: int, initial: int):
     return bar
 
 
-def _wandb_run(cfg: TrackingConfig, run: RunConfig, out: Path):
+def _wandb_run(cfg: TrackingConfig, run: RunConfig, rundir: RunDir):
     import wandb
 
-    id_file = out / WANDB_ID_FILE
+    out, id_file = rundir.root, rundir.wandb_id
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id + "\n")
     return wandb.init(
@@ -55,10 +80,10 @@ def _wandb_run(cfg: TrackingConfig, run: RunConfig, out: Path):
 
 class Tracker:
     def __init__(self, run: RunConfig, total_steps: int, start_step: int = 0):
-        self.out = Path(run.output_dir)
-        self.metrics = (self.out / "metrics.jsonl").open("a", encoding="utf-8")
+        rundir = RunDir(Path(run.output_dir))
+        self.metrics = rundir.metrics.open("a", encoding="utf-8")
         self.bar = _progress_bar(total_steps, start_step)
-        self.wandb = _wandb_run(run.tracking, run, self.out) if run.tracking.backend == "wandb" else None
+        self.wandb = _wandb_run(run.tracking, run, rundir) if run.tracking.backend == "wandb" else None
 
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}}

@@ -14,8 +14,8 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import cli, read_metrics, wait_until
+from orchestrator.packaged import packaged
 
-REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
 SECRET = "hf-fake-token-93b1c0ffee"
 
@@ -45,7 +45,7 @@ CASES = {
 
 
 def render(overrides: list[str]) -> str:
-    from launch import slurm
+    from orchestrator.launch import slurm
     from orchestrator.config import compose, validate
 
     run = compose(["experiment=demo", "cluster=slurm", "output_dir=unused", *FIXED, *overrides])
@@ -77,7 +77,7 @@ def test_quoted_values_stay_plain_text(monkeypatch):
 
 
 def test_newlines_cannot_reach_sbatch_lines(monkeypatch):
-    from launch import SubmitError
+    from orchestrator.launch import SubmitError
 
     with pytest.raises(SubmitError, match="control characters"):
         render(["storage_path=/shared", "name=ok", "cluster.slurm.partition='gpu\nrm -rf /'"])
@@ -88,7 +88,7 @@ def test_newlines_cannot_reach_sbatch_lines(monkeypatch):
 @pytest.fixture(scope="module")
 def slurm_cluster(demo_model, tmp_path_factory):
     """The dev cluster, started (and installed) by the repo's script; stopped again if we started it."""
-    script = REPO / "slurm" / "dev-cluster.sh"
+    script = packaged("slurm") / "dev-cluster.sh"
     was_up = subprocess.run([script, "status"], capture_output=True).returncode == 0
     if not was_up:
         subprocess.run([script, "up"], check=True, timeout=900)
@@ -105,7 +105,7 @@ def submit(env, cwd: Path, storage: Path, name: str, *overrides: str, timeout: f
 
 def slurm_job(result) -> dict:
     line = next(x for x in result.stdout.splitlines() if x.startswith("submitted slurm job "))
-    from launch.slurm import show
+    from orchestrator.launch.slurm import show
 
     return show(line.split()[3])
 
@@ -123,6 +123,7 @@ def uninterrupted(slurm_cluster, tmp_path_factory):
     return tmp, storage / NAME, r
 
 
+@pytest.mark.cluster
 def test_demo_through_sbatch_completes_without_injection_or_leaked_secrets(uninterrupted, slurm_cluster):
     tmp, run_dir, r = uninterrupted
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
@@ -140,6 +141,7 @@ def test_demo_through_sbatch_completes_without_injection_or_leaked_secrets(unint
     assert status.returncode == 0 and f"{job['JobId']} COMPLETED" in status.stdout
 
 
+@pytest.mark.cluster
 def test_preemption_signal_checkpoints_requeues_and_resumes_to_the_same_adapter(uninterrupted, slurm_cluster, tmp_path):
     storage = tmp_path / "storage"
     r = submit(slurm_cluster, tmp_path, storage, "preempted", *STEPS, "cluster.detach=true")
@@ -165,6 +167,7 @@ def test_preemption_signal_checkpoints_requeues_and_resumes_to_the_same_adapter(
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
+@pytest.mark.cluster
 def test_two_nodes_start_one_ray_cluster(slurm_cluster, tmp_path):
     r = submit(slurm_cluster, tmp_path, tmp_path / "storage", "two-nodes", "cluster.slurm.nodes=2", "trainer.max_steps=4")
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
@@ -176,6 +179,7 @@ def test_two_nodes_start_one_ray_cluster(slurm_cluster, tmp_path):
     assert (tmp_path / "storage" / "two-nodes" / "adapter" / "COMMITTED").is_file()
 
 
+@pytest.mark.cluster
 def test_refusals_carry_slurms_message_and_leave_nothing_queued(slurm_cluster, tmp_path):
     r = submit(slurm_cluster, tmp_path, tmp_path / "storage", "bad", "cluster.slurm.partition=nope")
     assert r.returncode == 1 and "sbatch refused the job" in r.stderr and "invalid partition" in r.stderr.lower()
@@ -185,6 +189,7 @@ def test_refusals_carry_slurms_message_and_leave_nothing_queued(slurm_cluster, t
     assert all(rec["run_dir"] != str(tmp_path / "storage" / "bad") for rec in records)
 
 
+@pytest.mark.cluster
 def test_dry_run_prints_the_script_and_submits_nothing(slurm_cluster, tmp_path):
     r = cli("train", "experiment=demo", "cluster=slurm", f"storage_path={tmp_path}/s", "name=dry", "--dry-run",
             f"hydra.run.dir={tmp_path / 'h'}", cwd=tmp_path, env=slurm_cluster)
@@ -193,13 +198,14 @@ def test_dry_run_prints_the_script_and_submits_nothing(slurm_cluster, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.cluster
 def test_sweep_runs_in_parallel_as_slurm_jobs(slurm_cluster, tmp_path):
     storage = tmp_path / "storage"
     r = cli("train", "-m", "experiment=demo", "cluster=slurm", f"storage_path={storage}", "name=sweep", "tracking=none",
             "trainer.max_steps=3", "trainer.save_every=0", "adapter.r=4,8", f"hydra.sweep.dir={tmp_path / 'multirun'}",
             cwd=tmp_path, env=slurm_cluster, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
-    from launch.slurm import show
+    from orchestrator.launch.slurm import show
 
     jobs = [show(line.split()[3]) for line in r.stdout.splitlines() if line.startswith("submitted slurm job ")]
     assert len(jobs) == 2 and all(j["JobState"] == "COMPLETED" for j in jobs)
@@ -208,6 +214,7 @@ def test_sweep_runs_in_parallel_as_slurm_jobs(slurm_cluster, tmp_path):
         assert (storage / "sweep" / f"adapter.r={rank}" / "adapter" / "COMMITTED").is_file()
 
 
+@pytest.mark.cluster
 def test_jobs_stop_cancels_a_slurm_job_and_its_ray_processes(slurm_cluster, tmp_path):
     import psutil
 

@@ -18,7 +18,9 @@ import pytest
 
 from conftest import read_metrics, train
 
-from orchestrator.tracking import WANDB_ID_FILE
+from orchestrator.rundir import RunDir
+
+pytestmark = pytest.mark.slow
 
 _BLOCK, _HEADER = 32768, 7  # block size of the log, bytes of a chunk header (crc32, length, kind)
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
@@ -72,7 +74,7 @@ def test_offline_run_holds_metrics_group_config_and_resumes_the_same_id(tmp_path
     args = ["tracking=wandb", "tracking.mode=offline", f"tracking.group={group}", "adapter.r=4",
             "trainer.max_steps=4", "trainer.save_every=2", "trainer.eval_every=2"]
     train(out, *args)
-    run_id = (out / WANDB_ID_FILE).read_text().strip()
+    run_id = RunDir(out).wandb_id.read_text().strip()
     (first,) = (out / "wandb").glob("offline-run-*")
     # What a crash after step 4 was logged, before its checkpoint and the final adapter were
     # committed, leaves behind: the same command resumes from step-2 (killed runs: test_resume.py).

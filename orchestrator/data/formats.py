@@ -84,3 +84,19 @@ def read_rows(path: str | Path, fmt: str) -> list[dict]:
     if not rows:
         raise DataError([f"{path}: contains no rows"])
     return rows
+
+
+def split_rows(path: str | Path, fmt: str, eval_path: str | Path | None, eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Train and eval rows. Without an eval file, the eval split is a seeded random subset of the
+    rows, the same on every worker."""
+    import torch
+
+    rows = read_rows(path, fmt)
+    if eval_path:
+        return rows, read_rows(eval_path, fmt)
+    n_eval = int(len(rows) * eval_fraction)
+    if n_eval == 0:
+        return rows, []
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    eval_idx = set(perm[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in eval_idx], [rows[i] for i in sorted(eval_idx)]

@@ -61,6 +61,11 @@ def encode_rows(rows: list[dict], fmt: str, tokenizer, max_seq_len: int) -> list
     return out
 
 
+def target_tokens(examples: list[tuple[list[int], list[int]]], indices) -> int:
+    """Loss tokens of these examples. The model shifts labels by one: position 0 is never a target."""
+    return sum(sum(1 for t in examples[i][1][1:] if t != IGNORE_INDEX) for i in indices)
+
+
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a micro-batch; padding is masked in attention and loss."""
     width = max(len(ids) for ids, _ in examples)

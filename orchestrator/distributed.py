@@ -1,0 +1,54 @@
+"""This worker's place in the process group, and the few collectives the loop needs."""
+
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @classmethod
+    def current(cls, use_gpu: bool) -> Dist:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device("cpu")
+        if use_gpu:
+            from ray.train.torch import get_device  # the GPU Ray assigned to this worker
+
+            device = get_device()
+            torch.cuda.set_device(device)
+        return cls(rank, world, local, device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def all_reduce(self, value: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+        value = value.detach().clone().to(self.device)
+        if self.world > 1:
+            dist.all_reduce(value, op=op)
+        return value
+
+    def max(self, value: float) -> float:
+        return self.all_reduce(torch.tensor(float(value)), op=dist.ReduceOp.MAX).item()
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
