@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import signal
 import threading
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from orchestrator import ray_logs
 from orchestrator.config.schema import RunConfig, as_dict, flatten
+from orchestrator.rundir import RunDir
 
 log = logging.getLogger("orchestrator")
 
@@ -39,30 +40,30 @@ def config_differences(old: dict, new: RunConfig) -> list[str]:
 def check_output_dir(run: RunConfig) -> bool:
     """Refuse an output_dir that holds another run's checkpoints, never mixing or overwriting them.
     Returns False when the run there is already complete."""
-    from orchestrator.checkpoint import is_committed, step_checkpoints
+    from orchestrator.checkpoint import step_checkpoints
 
-    out = Path(run.output_dir)
-    if not (step_checkpoints(out / "checkpoints") or is_committed(out / "adapter")):
+    rundir = RunDir(Path(run.output_dir))
+    if not (step_checkpoints(rundir.checkpoints) or rundir.is_complete()):
         return True
     if run.resume == "never":
-        raise FileExistsError(f"output_dir {out} already holds checkpoints and resume=never; choose a new output_dir")
-    old = OmegaConf.to_container(OmegaConf.load(out / "config.yaml")) if (out / "config.yaml").is_file() else {}
+        raise FileExistsError(f"output_dir {rundir.root} already holds checkpoints and resume=never; choose a new output_dir")
+    old = OmegaConf.to_container(OmegaConf.load(rundir.config)) if rundir.config.is_file() else {}
     diffs = config_differences(old, run)
     if diffs:
         raise FileExistsError(
-            f"output_dir {out} holds the checkpoints of a different run; resuming would mix them. "
+            f"output_dir {rundir.root} holds the checkpoints of a different run; resuming would mix them. "
             "Use a new output_dir (with storage_path: a new name), or the same config. Differences:\n  " + "\n  ".join(diffs)
         )
-    return not is_committed(out / "adapter")
+    return not rundir.is_complete()
 
 
 def prepare_output_dir(run: RunConfig) -> bool:
     """check_output_dir, then create output_dir and write config.yaml."""
     if not check_output_dir(run):
         return False
-    out = Path(run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(as_dict(run))))
+    rundir = RunDir(Path(run.output_dir))
+    rundir.root.mkdir(parents=True, exist_ok=True)
+    rundir.config.write_text(OmegaConf.to_yaml(OmegaConf.create(as_dict(run))))
     return True
 
 
@@ -76,10 +77,10 @@ def _ray_init(run: RunConfig, on_cluster: bool) -> None:
     if ray.is_initialized():
         return
     if on_cluster:
-        ray.init(address="auto")  # RAY_ADDRESS, set by the Ray Job or the Slurm script
+        ray_logs.init_quietly(lambda: ray.init(address="auto"))  # RAY_ADDRESS, set by the Ray Job or the Slurm script
     else:
         # "local" keeps a single-machine run off any `ray start` cluster that happens to run here.
-        ray.init(address=run.cluster.address or "local", include_dashboard=False)
+        ray_logs.init_quietly(lambda: ray.init(address=run.cluster.address or "local", include_dashboard=False))
 
 
 def _per_worker(run: RunConfig) -> dict[str, float]:
@@ -148,34 +149,16 @@ def nodes_missing_file(directory: Path, nodes: list[dict]) -> list[str]:
         marker.unlink(missing_ok=True)
 
 
-def _preemption_handler(out: Path):
+def _preemption_handler(rundir: RunDir):
     """SIGUSR1 (Slurm's warning before preemption or the time limit): ask the workers to commit a
     checkpoint at the next step boundary. The request is a file in the run directory because
     the workers are Ray processes on any node, not children of this one."""
-    from orchestrator.checkpoint import PREEMPT_REQUEST
 
-    def handler(signum, frame):
+    def handler(signum: int, frame: object) -> None:
         log.warning("received %s: checkpointing at the next step boundary", signal.Signals(signum).name)
-        (out / PREEMPT_REQUEST).write_text(incarnation() + "\n")
+        rundir.request_stop()
 
     return handler
-
-
-def incarnation() -> str:
-    """Who may ask this run to stop: the Slurm job and its restart count (its batch script writes
-    requests too, possibly before this driver starts), else this process. A request left by an
-    earlier incarnation is stale."""
-    if os.environ.get("SLURM_JOB_ID"):
-        return f"{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
-    return f"pid.{os.getpid()}"
-
-
-def _drop_stale_request(out: Path) -> None:
-    from orchestrator.checkpoint import PREEMPT_REQUEST
-
-    request = out / PREEMPT_REQUEST
-    if request.is_file() and request.read_text().strip() != incarnation():
-        request.unlink()
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -198,16 +181,15 @@ def train(run: RunConfig, on_cluster: bool = False) -> Path:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from orchestrator.checkpoint import PREEMPT_REQUEST, is_committed
     from orchestrator.train_loop import train_loop
 
     # Workers may run with another working directory (on other nodes, surely): absolute paths only.
-    out = Path(run.output_dir).resolve()
-    run = dataclasses.replace(run, output_dir=str(out))
+    rundir = RunDir(Path(run.output_dir).resolve())
+    run = dataclasses.replace(run, output_dir=str(rundir.root))
     if not prepare_output_dir(run):
-        log.info("the run in %s is already complete", out)
-        return out / "adapter"
-    _drop_stale_request(out)
+        log.info("the run in %s is already complete", rundir.root)
+        return rundir.adapter
+    rundir.drop_stale_request()
     _ray_init(run, on_cluster)
     check_cluster(run)
     c = run.cluster
@@ -221,13 +203,15 @@ def train(run: RunConfig, on_cluster: bool = False) -> Path:
             resources_per_worker={"CPU": c.cpus_per_worker, **c.resources_per_worker},
         ),
         run_config=ray.train.RunConfig(
-            name=run.name or out.name,
-            storage_path=str(out / "ray"),
+            name=run.name or rundir.root.name,
+            storage_path=str(rundir.ray),
             failure_config=ray.train.FailureConfig(max_failures=c.max_failures),
+            # Ray Train's own worker lines ("Setting up process group...") read like ours: keep them in Ray's logs.
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if ray_logs.verbose() else "WARNING"),
         ),
     )
     in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGUSR1, _preemption_handler(out)) if in_main else None
+    previous = signal.signal(signal.SIGUSR1, _preemption_handler(rundir)) if in_main else None
     try:
         trainer.fit()
     except Exception as e:  # noqa: BLE001 - re-raised with the worker's own message
@@ -236,7 +220,7 @@ def train(run: RunConfig, on_cluster: bool = False) -> Path:
     finally:
         if in_main:
             signal.signal(signal.SIGUSR1, previous)
-    if (out / PREEMPT_REQUEST).exists() and not is_committed(out / "adapter"):
-        raise Preempted(f"preempted: the run in {out} committed its latest checkpoint and stopped; "
+    if rundir.stop_requested() and not rundir.is_complete():
+        raise Preempted(f"preempted: the run in {rundir.root} committed its latest checkpoint and stopped; "
                         "the same command (or the requeued job) resumes it")
-    return out / "adapter"
+    return rundir.adapter
