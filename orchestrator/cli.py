@@ -1,29 +1,25 @@
-"""`orchestrator <command>`: thin dispatch; `train` hands its arguments to Hydra."""
+"""`orchestrator <command>`: argparse for the commands, Hydra only where a run is composed."""
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 import sys
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-USAGE = """usage: orchestrator <command> [args]
+from orchestrator.rundir import PREEMPTED_EXIT, RunDir
 
-commands:
-  train [hydra overrides]   fine-tune an adapter (e.g. orchestrator train experiment=demo);
-                            --cfg job prints the composed config, -m runs a Hydra multirun,
-                            cluster=ray|slurm submits it (--dry-run prints the job instead)
-  merge adapter=DIR output=DIR [base=DIR] [dtype=bf16|fp32]
-                            merge an adapter into its base and write a Hugging Face model
-  jobs status|logs|stop ID [--follow]
-                            a job submitted with cluster=ray or cluster=slurm
-  run CONFIG.yaml           train a composed config as is (what cluster jobs execute)
-  sweep report SWEEP_DIR    summarise a multirun (multirun/<date>/<time>): table on the terminal,
-                            report.csv/.md and loss/heatmap plots in SWEEP_DIR/report/
-"""
+log = logging.getLogger("orchestrator")
 
-HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--info"}
-
-_pending_problems: list[str] = []
+TRAIN_HELP = """\
+fine-tune an adapter; the arguments are Hydra's: overrides such as experiment=demo adapter.r=8,
+--cfg job (print the composed config, run nothing), -m (multirun: one run per combination),
+--config-dir DIR (your own config groups next to the packaged ones), --hydra-help.
+cluster=ray|slurm submits the run; --dry-run prints the job instead of submitting it."""
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -31,8 +27,165 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-_failed_runs: list[str] = []
-_sweep_jobs: list[dict] = []  # cluster jobs of a multirun, awaited together once all are submitted
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orchestrator", description="Distributed LoRA / QLoRA fine-tuning.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = commands.add_parser("train", help="fine-tune an adapter (Hydra overrides follow)", description=TRAIN_HELP,
+                                allow_abbrev=False)
+    _train_flags(train)
+    train.add_argument("hydra_args", nargs=argparse.REMAINDER, help="Hydra overrides and flags")
+
+    merge = commands.add_parser("merge", help="merge an adapter into its base and write a Hugging Face model")
+    merge.add_argument("adapter", type=Path, help="adapter directory (<run>/adapter or a step checkpoint's adapter/)")
+    merge.add_argument("output", type=Path, help="new directory for the merged model (must not hold files)")
+    merge.add_argument("--base", type=Path, help="the full-precision base (default: the one in the adapter's manifest)")
+    merge.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    merge.set_defaults(func=merge_command)
+
+    jobs = commands.add_parser("jobs", help="status, logs or stop of a job submitted with cluster=ray|slurm")
+    jobs.add_argument("action", choices=("status", "logs", "stop"))
+    jobs.add_argument("job_id")
+    jobs.add_argument("--follow", action="store_true", help="logs: follow the log until the job ends")
+    jobs.add_argument("--address", help="Ray dashboard address (default: the one recorded at submission)")
+    jobs.set_defaults(func=jobs_command)
+
+    run = commands.add_parser("run", help="train a composed config as is (what cluster jobs execute)")
+    run.add_argument("config", type=Path, help="a composed config (from `train --cfg job`)")
+    run.set_defaults(func=run_command)
+
+    sweep = commands.add_parser("sweep", help="summarise a multirun")
+    sweep_commands = sweep.add_subparsers(dest="sweep_command", metavar="report", required=True)
+    report = sweep_commands.add_parser(
+        "report", help="table on the terminal, report.csv/.md and plots in SWEEP_DIR/report/")
+    report.add_argument("sweep_dir", type=Path, help="a multirun directory (multirun/<date>/<time>)")
+    report.set_defaults(func=report_command)
+    return parser
+
+
+def _train_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dry-run", action="store_true",
+                        help="cluster=ray|slurm: print what would be submitted and submit nothing")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's internal log lines on the terminal too (ORCHESTRATOR_VERBOSE=1)")
+
+
+# --- train --------------------------------------------------------------------------------------
+
+@dataclass
+class TrainCommand:
+    """One `orchestrator train` invocation: what the Hydra task needs across the runs of a multirun."""
+
+    problems: list[str]
+    """Problems found in the overrides before composition, reported with the config's own."""
+    swept: set[str]
+    """Keys given several values on the command line."""
+    failed: list[str] = field(default_factory=list)
+    """One line per failed run of a multirun."""
+    sweep_jobs: list[dict] = field(default_factory=list)
+    """Cluster jobs of a multirun, awaited together once all are submitted."""
+
+    def task(self, cfg: Any) -> float | None:
+        """Hydra's task. Errors are reported here, not raised: Hydra would print them as tracebacks.
+        In a multirun a failed run is logged (into its own train.log too) and the sweep goes on.
+        The return value, the final eval loss, is what the Optuna sweeper minimises."""
+        from orchestrator.config import ConfigError
+        from orchestrator.driver import Preempted, RunFailed
+
+        try:
+            return self._train(cfg)
+        except Preempted as e:
+            print(str(e), file=sys.stderr)
+            if not _multirun():
+                sys.exit(PREEMPTED_EXIT)
+            self.failed.append(f"{cfg.get('output_dir', '?')}: {e}")
+            return None
+        except (ConfigError, RunFailed, FileExistsError) as e:
+            if not _multirun():
+                _fail(str(e), 2 if isinstance(e, ConfigError) else 1)
+            log.error("error: %s", e)
+            self.failed.append(f"{cfg.get('output_dir', '?')}: {str(e).splitlines()[0]}")
+            return None
+
+    def _train(self, cfg: Any) -> float | None:
+        from orchestrator import demo, driver
+        from orchestrator.config import ConfigError, resolve, validate
+
+        try:
+            run = resolve(cfg)
+            demo.localise(run)
+            validate(run)
+        except ConfigError as e:
+            raise ConfigError(self.problems + e.problems) from None
+        if self.problems:
+            raise ConfigError(self.problems)
+        if _multirun():
+            self._name_sweep_run(run)
+        if run.cluster.kind == "local":
+            print(f"adapter written to {driver.train(run)}")
+        elif not self._submit(run):
+            return None
+        return _final_eval_loss(RunDir(Path(run.output_dir)))
+
+    def _name_sweep_run(self, run: Any) -> None:
+        """Every run of a sweep shares a W&B group and is named by its swept values; on shared
+        storage each gets its own directory <storage_path>/<name>/<swept values>."""
+        from hydra.core.hydra_config import HydraConfig
+
+        from orchestrator.config import ConfigError
+
+        hc = HydraConfig.get()
+        swept = self.swept | set(hc.sweeper.get("params") or {})
+        label = ",".join(o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept) or hc.job.override_dirname
+        run.tracking.group = run.tracking.group or (run.name if run.storage_path else hc.sweep.dir)
+        run.tracking.name = run.tracking.name or label or run.name
+        if run.storage_path and label:
+            run.name = f"{run.name}/{label}"
+            run.output_dir = run.storage_run_dir()
+        if run.cluster.kind != "local" and "optuna" in str(hc.sweeper.get("_target_", "")).lower():
+            raise ConfigError(["sweep: the Optuna sweeper runs trials one after another on the final eval loss "
+                               "of each; run it with cluster=local, or use a grid preset for cluster sweeps"])
+
+    def _submit(self, run: Any) -> bool:
+        """Submit to the run's cluster, then follow the job to its end unless detached (the runs of
+        a multirun are awaited together, once all are submitted). True when the run ended here."""
+        from orchestrator import launch
+        from orchestrator.driver import RunFailed, check_output_dir
+
+        if Path(run.storage_path).exists():
+            check_output_dir(run)  # refuse another run's directory here, not after queueing on the cluster
+        target = launch.target(run.cluster.kind)
+        try:
+            job = target.submit(run)
+        except launch.SubmitError as e:
+            raise RunFailed(str(e)) from None
+        if job is None:
+            return False  # dry run
+        print(f"submitted {run.cluster.kind} job {job['id']} for the run in {run.output_dir}", flush=True)
+        if run.cluster.detach:
+            print(f"follow it with `orchestrator jobs logs {job['id']}`; `orchestrator jobs status {job['id']}`")
+            return False
+        if _multirun():
+            self.sweep_jobs.append(job)
+            return False
+        state = target.follow(job)
+        if state == "DETACHED":
+            return False
+        if state not in launch.SUCCEEDED:
+            _, message = target.status(job)
+            raise RunFailed(f"job {job['id']} ended {state}{': ' + message if message else ''}")
+        print(f"adapter written to {RunDir(Path(run.output_dir)).adapter}")
+        return True
+
+    def await_sweep_jobs(self) -> None:
+        """Wait for every job of a cluster sweep; each failure joins the sweep's summary."""
+        from orchestrator import launch
+
+        print(f"waiting for {len(self.sweep_jobs)} jobs (`orchestrator jobs logs ID` shows one's log)", flush=True)
+        for job, (state, message) in launch.wait_all(self.sweep_jobs):
+            print(f"job {job['id']} {state}: {job['run_dir']}", flush=True)
+            if state not in launch.SUCCEEDED:
+                self.failed.append(f"{job['run_dir']}: job {job['id']} ended {state}{': ' + message if message else ''}")
 
 
 def _multirun() -> bool:
@@ -42,206 +195,90 @@ def _multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _train_task(cfg) -> float | None:
-    # Errors are reported here, not raised: Hydra would print them as tracebacks. In a multirun a
-    # failed run is logged (into its own train.log too) and the sweep goes on with the next one.
-    # The return value, the final eval loss, is what the Optuna sweeper minimises.
-    from orchestrator.config import ConfigError
-    from orchestrator.driver import RunFailed
-
-    try:
-        return _train(cfg)
-    except (ConfigError, RunFailed, FileExistsError) as e:
-        if not _multirun():
-            _fail(str(e), 2 if isinstance(e, ConfigError) else 1)
-        logging.getLogger("orchestrator").error("error: %s", e)
-        _failed_runs.append(f"{cfg.get('output_dir', '?')}: {str(e).splitlines()[0]}")
-        return None
-
-
-_swept_keys: set[str] = set()  # keys given several values on the command line
-
-
-def _sweep_label(hc) -> str:
-    """This run's values of the swept keys, e.g. adapter.r=8,adapter.alpha=16: what tells the runs
-    of a sweep apart (Hydra's override_dirname also holds everything they share)."""
-    swept = _swept_keys | set(hc.sweeper.get("params") or {})
-    parts = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
-    return ",".join(parts) or hc.job.override_dirname
-
-
-def _final_eval_loss(run_dir: str) -> float | None:
+def _final_eval_loss(rundir: RunDir) -> float | None:
     from orchestrator.report import read_metrics
 
-    if not (Path(run_dir) / "metrics.jsonl").is_file():
+    if not rundir.metrics.is_file():
         return None
-    _, evals = read_metrics(Path(run_dir))
+    _, evals = read_metrics(rundir.root)
     return float(evals[-1]["eval_loss"]) if evals else None
 
 
-def _train(cfg) -> float | None:
-    from orchestrator import demo, driver
-    from orchestrator.config import ConfigError, resolve, validate
-
-    try:
-        run = resolve(cfg)
-    except ConfigError as e:
-        raise ConfigError(_pending_problems + e.problems) from None
-    demo.localise(run)
-    try:
-        validate(run)
-    except ConfigError as e:
-        raise ConfigError(_pending_problems + e.problems) from None
-    if _pending_problems:
-        raise ConfigError(_pending_problems)
-    if _multirun():
-        # Every run of a sweep shares a W&B group and is named by its overrides; on shared storage
-        # each run gets its own directory <storage_path>/<name>/<overrides>.
-        from hydra.core.hydra_config import HydraConfig
-
-        hc = HydraConfig.get()
-        label = _sweep_label(hc)
-        run.tracking.group = run.tracking.group or (run.name if run.storage_path else hc.sweep.dir)
-        run.tracking.name = run.tracking.name or label or run.name
-        if run.storage_path and label:
-            run.name = f"{run.name}/{label}"
-            run.output_dir = run.storage_run_dir()
-        if run.cluster.kind != "local" and "optuna" in str(hc.sweeper.get("_target_", "")).lower():
-            raise ConfigError(["sweep: the Optuna sweeper runs trials one after another on the final eval loss "
-                               "of each; run it with cluster=local, or use a grid preset for cluster sweeps"])
-    if run.cluster.kind == "local":
-        print(f"adapter written to {driver.train(run)}")
-    elif not _submit(run):
-        return None
-    return _final_eval_loss(run.output_dir)
-
-
-def _submit(run) -> bool:
-    """Submit to the run's cluster, then follow the job to its end unless detached (the runs of a
-    multirun are awaited together, once all are submitted). True when the run ended here."""
-    import launch
-    from orchestrator.driver import RunFailed, check_output_dir
-
-    if Path(run.storage_path).exists():
-        check_output_dir(run)  # refuse another run's directory here, not after queueing on the cluster
-    target = launch.target(run.cluster.kind)
-    try:
-        job = target.submit(run)
-    except launch.SubmitError as e:
-        raise RunFailed(str(e)) from None
-    if job is None:
-        return False  # dry run
-    print(f"submitted {run.cluster.kind} job {job['id']} for the run in {run.output_dir}", flush=True)
-    if run.cluster.detach:
-        print(f"follow it with `orchestrator jobs logs {job['id']}`; `orchestrator jobs status {job['id']}`")
-        return False
-    if _multirun():
-        _sweep_jobs.append(job)
-        return False
-    state = target.follow(job)
-    if state == "DETACHED":
-        return False
-    if state not in launch.SUCCEEDED:
-        _, message = target.status(job)
-        raise RunFailed(f"job {job['id']} ended {state}{': ' + message if message else ''}")
-    print(f"adapter written to {run.output_dir}/adapter")
-    return True
-
-
-def _await_sweep_jobs() -> None:
-    """Wait for every job of a cluster sweep; each failure joins the sweep's summary."""
-    import launch
-
-    print(f"waiting for {len(_sweep_jobs)} jobs (`orchestrator jobs logs ID` shows one's log)", flush=True)
-    for job, (state, message) in launch.wait_all(_sweep_jobs):
-        print(f"job {job['id']} {state}: {job['run_dir']}", flush=True)
-        if state not in launch.SUCCEEDED:
-            _failed_runs.append(f"{job['run_dir']}: job {job['id']} ended {state}{': ' + message if message else ''}")
-
-
-def _split_args(args: list[str]) -> tuple[list[str], list[str], list[str]]:
-    """(run overrides, hydra.* overrides, Hydra's own flags): only run overrides are checked
-    against conf/, and flags must come before all overrides for Hydra's argument parser."""
-    overrides, hydra_overrides, flags = [], [], []
-    it = iter(args)
-    for a in it:
-        if a.startswith("-"):
-            flags.append(a)
-            if a in HYDRA_FLAGS_WITH_VALUE and "=" not in a:
-                flags.append(next(it, ""))
-        elif a.startswith(("hydra.", "hydra/", "+hydra")):
-            hydra_overrides.append(a)
-        else:
-            overrides.append(a)
-    return overrides, hydra_overrides, flags
-
-
-def train(args: list[str]) -> None:
+def train(argv: list[str]) -> None:
+    """`orchestrator train [--dry-run] [--verbose] HYDRA_ARGS...`."""
     import hydra
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from orchestrator.config import CONF_DIR, ConfigError, check_group_overrides
 
-    if "--dry-run" in args:  # ours, not Hydra's: print what would be submitted
-        args = [a for a in args if a != "--dry-run"] + ["cluster.dry_run=true"]
-    overrides, hydra_overrides, flags = _split_args(args)
-    usable, problems = check_group_overrides(overrides)
-    _pending_problems[:] = problems
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    _swept_keys.update(o.key_or_group for o in OverridesParser.create().parse_overrides(usable) if o.is_sweep_override())
-    if problems and any(f in ("--cfg", "-c") for f in flags):
+    ours = argparse.ArgumentParser(prog="orchestrator train", description=TRAIN_HELP, allow_abbrev=False)
+    _train_flags(ours)
+    own, rest = ours.parse_known_args(argv)
+    if own.verbose:
+        os.environ["ORCHESTRATOR_VERBOSE"] = "1"
+    # Hydra's own grammar, parsed by Hydra's own parser; Hydra's app wants its flags first.
+    hydra_args = get_args_parser().parse_intermixed_args(rest)
+    positional, flags = Counter(hydra_args.overrides), []
+    for a in rest:
+        if positional[a]:
+            positional[a] -= 1
+        else:
+            flags.append(a)
+    overrides = [o for o in hydra_args.overrides if not o.startswith(("hydra.", "hydra/", "+hydra", "++hydra"))]
+    hydra_overrides = [o for o in hydra_args.overrides if o not in overrides]
+    if own.dry_run:
+        overrides.append("cluster.dry_run=true")
+    config_dirs = [Path(hydra_args.config_dir)] if hydra_args.config_dir else []
+    usable, problems = check_group_overrides(overrides, config_dirs=config_dirs)
+    if problems and hydra_args.cfg:
         _fail(str(ConfigError(problems)))
+    swept = {o.key_or_group for o in OverridesParser.create().parse_overrides(usable) if o.is_sweep_override()}
 
-    task = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_train_task)
+    command = TrainCommand(problems=problems, swept=swept)
     sys.argv = ["orchestrator-train", *flags, *usable, *hydra_overrides]
-    task()
-    if _sweep_jobs:
-        _await_sweep_jobs()
-    if _failed_runs:
-        _fail(f"{len(_failed_runs)} run(s) of the sweep failed:\n  " + "\n  ".join(_failed_runs), 1)
+    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(command.task)()
+    if command.sweep_jobs:
+        command.await_sweep_jobs()
+    if command.failed:
+        _fail(f"{len(command.failed)} run(s) of the sweep failed:\n  " + "\n  ".join(command.failed), 1)
 
 
-def merge(args: list[str]) -> None:
-    from orchestrator.merge import MergeError
-    from orchestrator.merge import merge as run_merge
+# --- the other commands -------------------------------------------------------------------------
 
-    allowed = {"adapter", "output", "base", "dtype"}
-    kv = dict(a.split("=", 1) for a in args if "=" in a)
-    bad = [a for a in args if "=" not in a or a.split("=", 1)[0] not in allowed]
-    missing = [k for k in ("adapter", "output") if k not in kv]
-    if bad or missing:
-        _fail(f"merge: {'unknown arguments ' + ', '.join(bad) if bad else ''}{'; ' if bad and missing else ''}"
-              f"{'missing ' + ', '.join(missing) if missing else ''}\n{USAGE}")
-    if kv.get("dtype", "bf16") not in ("bf16", "fp32"):
-        _fail(f"merge: dtype={kv['dtype']} is not valid; valid: bf16, fp32")
+def merge_command(args: argparse.Namespace) -> None:
+    from orchestrator.merge import MergeError, merge
+
     try:
-        out = run_merge(Path(kv["adapter"]), Path(kv["output"]), Path(kv["base"]) if "base" in kv else None, kv.get("dtype", "bf16"))
+        out = merge(args.adapter, args.output, args.base, args.dtype)
     except (MergeError, FileExistsError) as e:
         _fail(str(e), 1)
     print(f"merged model written to {out}")
 
 
-def sweep(args: list[str]) -> None:
-    if len(args) != 2 or args[0] != "report":
-        _fail(f"sweep: expected `sweep report SWEEP_DIR`, got {' '.join(args) or 'nothing'}\n{USAGE}")
-    from orchestrator import report
+def jobs_command(args: argparse.Namespace) -> None:
+    from orchestrator import launch
 
-    sweep_dir = Path(args[1])
-    if not sweep_dir.is_dir():
-        _fail(f"sweep report: {sweep_dir} {'is not a directory' if sweep_dir.exists() else 'does not exist'}")
-    rows = report.collect(sweep_dir)
-    if not rows:
-        _fail(f"sweep report: no runs in {sweep_dir} (no directory with config.yaml or .hydra/overrides.yaml)")
-    report.print_table(rows)
-    paths = report.write_report(sweep_dir, rows)
-    print("report written to:\n" + "\n".join(f"  {p}" for p in paths.values()))
+    job = launch.load_job(args.job_id)
+    if args.address:
+        job["address"] = args.address
+    target = launch.target(job["kind"])
+    try:
+        if args.action == "status":
+            state, message = target.status(job)
+            print(f"{args.job_id} {state}{': ' + message if message else ''}")
+        elif args.action == "logs":
+            target.follow(job) if args.follow else target.logs(job)
+        else:
+            target.stop(job)
+            print(f"stop requested for {args.job_id}")
+    except launch.SubmitError as e:
+        _fail(str(e), 1)
 
 
-def run_file(args: list[str]) -> None:
-    """`orchestrator run CONFIG.yaml`: train a composed config as is. This is what cluster jobs
-    execute; every check runs again here, on the cluster, before any worker starts."""
-    if len(args) != 1:
-        _fail(f"run: expected one composed config file (from `train --cfg job`), got {len(args)} arguments")
+def run_command(args: argparse.Namespace) -> None:
+    """Train a composed config as is. This is what cluster jobs execute; every check runs again
+    here, on the cluster, before any worker starts."""
     from omegaconf import OmegaConf
 
     from orchestrator import demo, driver
@@ -249,14 +286,14 @@ def run_file(args: list[str]) -> None:
     from orchestrator.config.schema import RunConfig
 
     logging.basicConfig(format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")  # Hydra does this for `train`
-    path = Path(args[0])
-    if not path.is_file():
-        _fail(f"run: {path} does not exist")
+    if not args.config.is_file():
+        _fail(f"run: {args.config} does not exist")
     try:
-        run = to_typed(OmegaConf.to_container(OmegaConf.load(path)), RunConfig)
+        run = to_typed(OmegaConf.to_container(OmegaConf.load(args.config)), RunConfig)
         demo.localise(run)
-        validate(run, on_cluster=run.cluster.kind != "local")
-        print(f"adapter written to {driver.train(run, on_cluster=run.cluster.kind != 'local')}")
+        on_cluster = run.cluster.kind != "local"
+        validate(run, on_cluster=on_cluster)
+        print(f"adapter written to {driver.train(run, on_cluster=on_cluster)}")
     except ConfigError as e:
         _fail(str(e))
     except driver.Preempted as e:
@@ -266,52 +303,26 @@ def run_file(args: list[str]) -> None:
         _fail(str(e), 1)
 
 
-# EX_TEMPFAIL: the run checkpointed on a preemption signal and should be requeued.
-PREEMPTED_EXIT = 75
+def report_command(args: argparse.Namespace) -> None:
+    from orchestrator import report
 
-
-def jobs(args: list[str]) -> None:
-    """`orchestrator jobs status|logs|stop ID [--follow] [address=...]` for Ray and Slurm jobs."""
-    import launch
-
-    flags = {a for a in args if a.startswith("--")}
-    kv = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("--"))
-    rest = [a for a in args if not a.startswith("--") and "=" not in a]
-    if len(rest) != 2 or rest[0] not in ("status", "logs", "stop") or flags - {"--follow"} or set(kv) - {"address"}:
-        _fail(f"jobs: expected `jobs status|logs|stop JOB_ID [--follow] [address=URL]`, got {' '.join(args) or 'nothing'}")
-    action, job_id = rest
-    job = launch.load_job(job_id)
-    if "address" in kv:
-        job["address"] = kv["address"]
-    target = launch.target(job["kind"])
-    try:
-        if action == "status":
-            state, message = target.status(job)
-            print(f"{job_id} {state}{': ' + message if message else ''}")
-        elif action == "logs":
-            target.follow(job) if "--follow" in flags else target.logs(job)
-        else:
-            target.stop(job)
-            print(f"stop requested for {job_id}")
-    except launch.SubmitError as e:
-        _fail(str(e), 1)
+    if not args.sweep_dir.is_dir():
+        _fail(f"sweep report: {args.sweep_dir} {'is not a directory' if args.sweep_dir.exists() else 'does not exist'}")
+    rows = report.collect(args.sweep_dir)
+    if not rows:
+        _fail(f"sweep report: no runs in {args.sweep_dir} (no directory with config.yaml or .hydra/overrides.yaml)")
+    report.print_table(rows)
+    paths = report.write_report(args.sweep_dir, rows)
+    print("report written to:\n" + "\n".join(f"  {p}" for p in paths.values()))
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     logging.getLogger("orchestrator").setLevel(logging.INFO)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
-        return
-    command, rest = argv[0], argv[1:]
-    if command == "train":
-        return train(rest)
-    if command == "merge":
-        return merge(rest)
-    if command == "sweep":
-        return sweep(rest)
-    if command == "run":
-        return run_file(rest)
-    if command == "jobs":
-        return jobs(rest)
-    _fail(f"unknown command {command!r}\n{USAGE}")
+    if not argv:
+        build_parser().print_help()
+        return None
+    if argv[0] == "train":
+        return train(argv[1:])  # Hydra's grammar follows; argparse must not read it
+    args = build_parser().parse_args(argv)
+    args.func(args)

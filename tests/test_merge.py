@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -9,13 +11,15 @@ from conftest import cli
 from orchestrator.config import ModelConfig, QuantConfig
 from orchestrator.model import load_base
 
+pytestmark = pytest.mark.slow
 
-def test_merged_model_equals_base_plus_adapter(train_run, demo_model, tmp_path):
+
+def test_merged_model_equals_base_plus_adapter(demo_run, demo_model, tmp_path):
     from peft import PeftModel
 
-    run = train_run("trainer.max_steps=8", "trainer.save_every=0", name="qlora")  # NF4 base, as the demo
+    run = demo_run  # trained on an NF4 base
     merged_dir = tmp_path / "merged"
-    r = cli("merge", f"adapter={run / 'adapter'}", f"output={merged_dir}", "dtype=fp32", cwd=tmp_path)
+    r = cli("merge", str(run / "adapter"), str(merged_dir), "--dtype", "fp32", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert list(merged_dir.glob("*.safetensors")) and (merged_dir / "tokenizer_config.json").is_file()
 
@@ -30,17 +34,17 @@ def test_merged_model_equals_base_plus_adapter(train_run, demo_model, tmp_path):
     assert (got - plain).abs().max() > 1e-2, "the merge did not change the model"
     assert not any("lora" in k for k in merged.state_dict())
 
-    again = cli("merge", f"adapter={run / 'adapter'}", f"output={merged_dir}", cwd=tmp_path)
+    again = cli("merge", str(run / "adapter"), str(merged_dir), cwd=tmp_path)
     assert again.returncode == 1 and "not empty" in again.stderr  # never overwrites
 
 
-def test_merge_refuses_another_base(train_run, demo_model, tmp_path):
+def test_merge_refuses_another_base(demo_run, demo_model, tmp_path):
     from orchestrator import demo
 
-    run = train_run("trainer.max_steps=2", "trainer.save_every=0", name="qlora")
+    run = demo_run
     # Same architecture, tokenizer, shapes and file sizes; other weights (a base's fine-tuned sibling).
     other = demo.build_tiny_model(tmp_path / "other", tokenizer_dir=demo_model, seed=1)
     assert (other / "model.safetensors").stat().st_size == (demo_model / "model.safetensors").stat().st_size
-    r = cli("merge", f"adapter={run / 'adapter'}", f"base={other}", f"output={tmp_path / 'm'}", cwd=tmp_path)
+    r = cli("merge", str(run / "adapter"), str(tmp_path / "m"), "--base", str(other), cwd=tmp_path)
     assert r.returncode == 1 and "not the base" in r.stderr and "weights" in r.stderr, r.stderr
     assert not (tmp_path / "m").exists()
