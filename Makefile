@@ -1,4 +1,5 @@
 # `make demo` sets everything up and trains the demo; `make test` sets up and runs the tests.
+# `make test-fast` is the inner loop (no training, no cluster daemons, under 3 minutes).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -6,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,9 +23,19 @@ demo: setup
 	WANDB_MODE=offline $(BIN)/orchestrator train experiment=demo
 
 # pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
-test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS) tests; rc=$$?; \
+define pytest
+$(BIN)/python -m pytest $(1) $(PYTEST_ARGS) tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+endef
+
+test: setup
+	$(call pytest,--durations=25)
+
+test-fast: setup
+	$(call pytest,-m "not slow and not cluster and not gpu")
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 bench: setup
 	$(BIN)/python bench/throughput.py

@@ -79,14 +79,60 @@ def train_losses(out: Path) -> list[float]:
 
 
 def train(out: Path, *overrides: str) -> Path:
-    """Compose the demo experiment with overrides, validate it as the CLI does, train it on the
-    shared Ray instance (needs the ray_local and demo_model fixtures) and return the output dir."""
+    """Compose the demo experiment with overrides, validate it as the CLI does, train it and return
+    the output dir. Several workers train on the shared Ray instance (needs the ray_local and
+    demo_model fixtures); one worker runs the same recipe in this process, where Ray would only
+    add a worker process to start."""
     from orchestrator import driver
-    from orchestrator.config import compose, validate
+    from orchestrator.config import as_dict, compose, validate
+    from orchestrator.train_loop import train_loop
 
-    cfg = compose(["experiment=demo", f"output_dir={out}", "tracking=none", *overrides])
-    driver.train(validate(cfg))
+    run = validate(compose(["experiment=demo", f"output_dir={out}", "tracking=none", *overrides]))
+    if run.cluster.num_workers > 1:
+        driver.train(run)
+    elif driver.prepare_output_dir(run):
+        train_loop({"run": as_dict(run)})
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_model, ray_local, tmp_path_factory) -> Path:
+    """The demo experiment as shipped (QLoRA, 2 FSDP workers, 30 steps, W&B offline), trained once
+    for every test that needs a real trained adapter."""
+    return train(tmp_path_factory.mktemp("demo-run") / "demo", "tracking=wandb", "tracking.mode=offline")
+
+
+# Equivalence runs: the same 10 steps and global batch under each strategy, compared with one process.
+EQUIVALENCE = ["trainer.max_steps=10", "adapter.dropout=0", "trainer.save_every=0", "optim=paged_adamw_32bit",
+               "data.eval_fraction=0.05", "strategy.param_persistence_threshold=0"]
+EQUIVALENCE_CASES = {
+    "fp32": ["model.dtype=fp32", "quant=none"],
+    "bf16": ["model.dtype=bf16", "quant=none"],
+    "fp32-nf4": ["model.dtype=fp32", "quant=nf4"],
+    "bf16-nf4": ["model.dtype=bf16", "quant=nf4"],
+}
+
+
+@pytest.fixture(scope="session")
+def equivalence_run(demo_model, ray_local, tmp_path_factory):
+    """equivalence_run(case, strategy) -> output dir, trained on first use and shared by the tests
+    of every strategy. single runs 1 worker with micro batch 8, the others 2 workers with 4. The
+    fsdp run of fp32-nf4 also recomputes activations (gradient checkpointing over the frozen 4-bit
+    base), which must not change the numbers."""
+    root = tmp_path_factory.mktemp("equivalence")
+    done: dict[tuple[str, str], Path] = {}
+
+    def get(case: str, strategy: str) -> Path:
+        if (case, strategy) not in done:
+            shape = (["cluster.num_workers=1", "trainer.micro_batch_size=8"] if strategy == "single"
+                     else ["cluster.num_workers=2", "trainer.micro_batch_size=4"])
+            if (case, strategy) == ("fp32-nf4", "fsdp"):
+                shape.append("model.gradient_checkpointing=true")
+            done[case, strategy] = train(root / f"{case}-{strategy}", *EQUIVALENCE, *EQUIVALENCE_CASES[case],
+                                         f"strategy={strategy}", *shape)
+        return done[case, strategy]
+
+    return get
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ import pytest
 from conftest import cli, read_metrics, wait_until
 from ray_head import free_ports, ray_head
 
+pytestmark = pytest.mark.cluster
+
 SECRET = "wandb-fake-key-5f2c9d1e7a"
 
 
@@ -45,27 +47,8 @@ def files_under(*roots: Path):
                 yield p
 
 
-def test_demo_runs_as_ray_job_and_keeps_secrets_out_of_files(head, tmp_path):
-    r = submit(head, tmp_path, "trainer.max_steps=4", "trainer.save_every=2")
-    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
-    run_dir = tmp_path / "storage" / "run"
-    assert (run_dir / "adapter" / "COMMITTED").is_file() and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
-    assert [m["step"] for m in read_metrics(run_dir) if "loss" in m] == [1, 2, 3, 4]
-    assert "trainable params" in r.stdout  # the workers' logs streamed to the submitting terminal
-    assert "credentials in the worker environment: WANDB_API_KEY" in r.stdout  # the secret did arrive
-    jid = job_id(r)
-    status = cli("jobs", "status", jid, env=head[1])
-    assert status.returncode == 0 and f"{jid} SUCCEEDED" in status.stdout, status.stderr
-    logs = cli("jobs", "logs", jid, env=head[1])
-    assert "adapter written to" in logs.stdout
-    # The secret reached the job through its environment only: no file the run or the CLI wrote holds it.
-    written = list(files_under(run_dir, tmp_path / "submit", Path(head[1]["ORCHESTRATOR_HOME"])))
-    assert any(p.name == "config.yaml" for p in written) and any(p.suffix == ".wandb" for p in written)
-    assert [p for p in written if SECRET.encode() in p.read_bytes()] == []
-
-
-def test_same_name_resumes_the_run_and_a_running_one_is_not_doubled(head, tmp_path):
-    args = ("trainer.max_steps=300", "trainer.save_every=5")
+def test_same_name_resumes_the_run_a_running_one_is_not_doubled_and_secrets_stay_off_disk(head, tmp_path):
+    args = ("trainer.max_steps=150", "trainer.save_every=5")
     r = submit(head, tmp_path, *args, "cluster.detach=true", name="resumable")
     assert r.returncode == 0, r.stderr[-3000:]
     jid = job_id(r)
@@ -78,14 +61,25 @@ def test_same_name_resumes_the_run_and_a_running_one_is_not_doubled(head, tmp_pa
     assert stop.returncode == 0, stop.stderr
     wait_until(lambda: "STOPPED" in cli("jobs", "status", jid, env=head[1]).stdout, 120, "the job to stop")
     stopped_at = max(int(p.name.split("-")[1]) for p in ckpts.glob("step-*") if (p / "COMMITTED").is_file())
-    assert stopped_at < 300
+    assert stopped_at < 150
 
-    # Same name, same config: the new job continues the stored run.
+    # Same name, same config: the new job continues the stored run, its logs streaming here.
     resumed = submit(head, tmp_path, *args, name="resumable")
     assert resumed.returncode == 0, resumed.stderr[-3000:] + resumed.stdout[-3000:]
     assert f"resuming from {ckpts}/step-" in resumed.stdout
-    steps = [m["step"] for m in read_metrics(tmp_path / "storage" / "resumable") if "loss" in m]
-    assert steps == list(range(1, 301))
+    run_dir = tmp_path / "storage" / "resumable"
+    assert [m["step"] for m in read_metrics(run_dir) if "loss" in m] == list(range(1, 151))
+    assert (run_dir / "adapter" / "COMMITTED").is_file() and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert "trainable params" in resumed.stdout  # the workers' logs streamed to the submitting terminal
+    assert "credentials in the worker environment: WANDB_API_KEY" in resumed.stdout  # the secret did arrive
+    done = job_id(resumed)
+    status = cli("jobs", "status", done, env=head[1])
+    assert status.returncode == 0 and f"{done} SUCCEEDED" in status.stdout, status.stderr
+    assert "adapter written to" in cli("jobs", "logs", done, env=head[1]).stdout
+    # The secret reached the jobs through their environment only: no file the run or the CLI wrote holds it.
+    written = list(files_under(run_dir, tmp_path / "submit", Path(head[1]["ORCHESTRATOR_HOME"])))
+    assert any(p.name == "config.yaml" for p in written) and any(p.suffix == ".wandb" for p in written)
+    assert [p for p in written if SECRET.encode() in p.read_bytes()] == []
 
     # Same name, another config: refused before anything is submitted.
     other = submit(head, tmp_path, *args, "adapter.r=8", name="resumable")

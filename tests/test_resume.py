@@ -16,7 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli, read_metrics
+from conftest import cli, read_metrics, train
+
+pytestmark = pytest.mark.slow
 
 COMMON = ["experiment=demo", "tracking=none", "data.eval_fraction=0"]
 
@@ -71,12 +73,11 @@ def steps_logged(out: Path) -> list[int]:
 # zero3 trains with dropout, so the resumed RNG states must be the saved ones; fsdp without, so
 # that its checkpoint resumed on one worker (other dropout streams) can be compared too.
 @pytest.mark.parametrize("strategy,dropout", [("fsdp", 0.0), ("zero3", 0.1)])
-def test_killed_run_resumes_to_the_same_adapter(tmp_path, demo_root, strategy, dropout):
+def test_killed_run_resumes_to_the_same_adapter(tmp_path, demo_model, ray_local, strategy, dropout):
     # 20 steps, the kill lands right after step 5 is committed: long before the run could end.
     extra = [f"strategy={strategy}", "optim=paged_adamw_32bit", f"adapter.dropout={dropout}",
              "trainer.max_steps=20", "trainer.save_every=5"]
-    whole = start(tmp_path / "whole", *extra)
-    finish(whole, tmp_path / "whole")
+    train(tmp_path / "whole", "data.eval_fraction=0", *extra)  # the reference, uninterrupted, on the session's Ray
 
     out = tmp_path / "killed"
     proc = start(out, *extra)
@@ -103,21 +104,17 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, demo_root, strategy, d
 
     if strategy == "fsdp":
         # The same checkpoint resumed on 1 worker (micro batch doubled: same global batch).
-        one = tmp_path / "one-worker"
-        proc = start(one, *extra, f"resume={out / 'checkpoints' / 'step-5'}", "cluster.num_workers=1",
-                     "strategy=single", "trainer.micro_batch_size=8")
-        finish(proc, one)
+        one = train(tmp_path / "one-worker", "data.eval_fraction=0", *extra, f"resume={out / 'checkpoints' / 'step-5'}",
+                    "cluster.num_workers=1", "strategy=single", "trainer.micro_batch_size=8")
         # ...and the reverse: that 1-worker run's step-10 checkpoint resumed on 2 workers.
-        two = tmp_path / "two-workers"
-        finish(start(two, *extra, f"resume={one / 'checkpoints' / 'step-10'}"), two)
+        two = train(tmp_path / "two-workers", "data.eval_fraction=0", *extra, f"resume={one / 'checkpoints' / 'step-10'}")
         for resharded in (adapter(one), adapter(two)):
             for k in a:  # one process sums the batch in another order: equal to rounding
                 torch.testing.assert_close(resharded[k], a[k], rtol=1e-5, atol=1e-7)
 
 
-def test_different_run_in_same_output_dir_is_refused(tmp_path, demo_root):
-    out = tmp_path / "run"
-    finish(start(out, "trainer.max_steps=5", "trainer.save_every=5"), out)
+def test_different_run_in_same_output_dir_is_refused(tmp_path, demo_model, ray_local):
+    out = train(tmp_path / "run", "data.eval_fraction=0", "trainer.max_steps=5", "trainer.save_every=5")
     before = {p: p.stat().st_mtime for p in out.rglob("*") if p.is_file()}
     proc = cli("train", *COMMON, f"output_dir={out}", "adapter.r=4")
     assert proc.returncode == 1 and "adapter.r: 16 -> 4" in proc.stderr, proc.stderr
