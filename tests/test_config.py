@@ -179,6 +179,11 @@ def test_user_config_dir_adds_options(tmp_path, demo_root):
     with pytest.raises(ConfigError, match=r"adapter.rank: Key 'rank' not in 'AdapterConfig' \(In 'experiment/typo'"):
         compose(["experiment=typo", f"output_dir={tmp_path}"], config_dirs=[mine])
 
+    # The same directory through the CLI, as the README shows it.
+    r = cli("train", "--config-dir", str(mine), "experiment=mine", "data=mydata", "--cfg", "job", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "name: mine" in r.stdout and "path: /data/mine.jsonl" in r.stdout and "kind: dora" in r.stdout
+
 
 def test_check_step_stops_silent_failures():
     check_step(1, 2.5, 0.3)
