@@ -17,13 +17,17 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import OmegaConf
+from orchestrator.launch import SubmitError, detached, job_env, record_job
 
 import orchestrator
-from orchestrator.launch import SubmitError, detached, job_env, record_job
 from orchestrator.config.schema import RunConfig, as_dict
 from orchestrator.packaged import packaged
+
+if TYPE_CHECKING:  # imported lazily: submitting a job must not pay for it twice
+    from ray.job_submission import JobSubmissionClient
 
 ACTIVE = ("PENDING", "RUNNING")
 
@@ -36,7 +40,7 @@ def _address(run: RunConfig | None = None, address: str | None = None) -> str:
     return addr
 
 
-def client(address: str):
+def client(address: str) -> JobSubmissionClient:
     from ray.job_submission import JobSubmissionClient
 
     try:
@@ -61,11 +65,11 @@ def entrypoint(run: RunConfig) -> str:
     return f"{shlex.quote(run.cluster.python or sys.executable)} -m orchestrator run run.yaml"
 
 
-def _state(status) -> str:
+def _state(status: object) -> str:
     return getattr(status, "value", str(status))
 
 
-def _active_job_of_run(c, run_dir: str) -> str | None:
+def _active_job_of_run(c: JobSubmissionClient, run_dir: str) -> str | None:
     for job in c.list_jobs():
         if (job.metadata or {}).get("orchestrator_run_dir") == run_dir and _state(job.status) in ACTIVE:
             return job.submission_id

@@ -19,11 +19,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from omegaconf import OmegaConf
-
 from orchestrator.launch import SubmitError, detached, job_env, jobs_dir, record_job
+
 from orchestrator.config.schema import RunConfig, as_dict
-from orchestrator.rundir import PREEMPTED_EXIT, RunDir
 from orchestrator.packaged import packaged
+from orchestrator.rundir import PREEMPTED_EXIT, RunDir
 
 TEMPLATE = packaged("slurm") / "train.sbatch.j2"
 ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "SUSPENDED",
@@ -31,7 +31,7 @@ ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONF
 _PLAIN = re.compile(r"[A-Za-z0-9_.,:/=+@%-]+")
 
 
-def _sbatch_value(value) -> str:
+def _sbatch_value(value: object) -> str:
     """A value on an #SBATCH line. sbatch splits those lines itself, honouring "..." and \\";
     the shell never sees them, but a newline would end the header and start a shell command."""
     text = str(value)

@@ -5,16 +5,21 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from orchestrator.config.schema import AdapterConfig
 from orchestrator.rundir import MANIFEST
 
+if TYPE_CHECKING:  # peft and transformers are imported where they are used
+    from peft import LoraConfig, PeftModel
+    from transformers import PreTrainedModel
+
 ALL_LINEAR = "all-linear"
 
 
-def peft_config(cfg: AdapterConfig):
+def peft_config(cfg: AdapterConfig) -> LoraConfig:
     from peft import LoraConfig
 
     return LoraConfig(
@@ -39,7 +44,7 @@ def unmatched_targets(targets: str | list[str], names: dict[str, str]) -> list[s
     return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
 
 
-def attach_adapter(model, cfg: AdapterConfig):
+def attach_adapter(model: PreTrainedModel, cfg: AdapterConfig) -> PeftModel:
     """Wrap the frozen base with a fresh adapter, identical on every worker (seeded init)."""
     from peft import get_peft_model
 
@@ -50,14 +55,14 @@ def attach_adapter(model, cfg: AdapterConfig):
         return get_peft_model(model, peft_config(cfg), autocast_adapter_dtype=True)
 
 
-def adapter_shapes(peft_model) -> dict[str, tuple[int, ...]]:
+def adapter_shapes(peft_model: PeftModel) -> dict[str, tuple[int, ...]]:
     """Expected full shapes of the saved adapter tensors, taken before any sharding."""
     from peft import get_peft_model_state_dict
 
     return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
 
 
-def to_peft_keys(peft_model, trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def to_peft_keys(peft_model: PeftModel, trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
     return get_peft_model_state_dict(peft_model, state_dict=trainable)
@@ -91,7 +96,7 @@ def check_adapter(state: dict[str, torch.Tensor], expected: dict[str, tuple[int,
 
 
 def save_adapter(
-    peft_model, trainable: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], out_dir: Path, manifest: dict
+    peft_model: PeftModel, trainable: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], out_dir: Path, manifest: dict
 ) -> None:
     """Check, then write adapter_config.json + adapter_model.safetensors (plain PEFT format) and
     manifest.json. `trainable` holds full tensors under the model's parameter names."""

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # transformers is imported lazily: importing this module must stay cheap
     from transformers import PreTrainedTokenizerFast
 
+    from orchestrator.config.schema import RunConfig
+
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).parent / "assets"
@@ -179,7 +181,7 @@ def ensure_demo_assets(root: Path | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def localise(run) -> None:
+def localise(run: RunConfig) -> None:
     """Point a demo config at this machine's demo assets, building the model on first use.
 
     A config composed on another machine (a job submitted to a cluster) names that machine's

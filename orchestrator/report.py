@@ -13,12 +13,16 @@ import math
 import re
 import statistics
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
 
 from orchestrator.rundir import ADAPTER, ADAPTER_WEIGHTS, CHECKPOINTS, RunDir
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 COLUMNS = [
     "run", "r", "alpha", "overrides", "final_eval_loss", "best_eval_loss", "final_loss",
@@ -201,7 +205,7 @@ def _yaml_value(v: str | None) -> Any:
 
 def sort_rows(rows: list[dict]) -> list[dict]:
     """Best eval loss ascending; runs without an eval loss after those with one; failed runs last."""
-    def key(row):
+    def key(row: dict) -> tuple:
         best = row["best_eval_loss"]
         return (row["status"].startswith("failed"), best is None, best if best is not None else 0.0, row["run"])
 
@@ -230,7 +234,7 @@ def _label(row: dict) -> str:
     return f"r={_fmt('r', row['r'])}, alpha={_fmt('alpha', row['alpha'])}"
 
 
-def print_table(rows: list[dict], console=None) -> None:
+def print_table(rows: list[dict], console: Console | None = None) -> None:
     """The report as a rich table on the terminal. Overrides shared by every run go under the
     table instead of into the "other overrides" column. Piped output is never wrapped; on a
     terminal too narrow for the whole table the run column (the directory name, which only
@@ -349,7 +353,7 @@ def _labels(rows: list[dict]) -> dict[str, str]:
             for r in rows}
 
 
-def _plot_loss_curves(plt, sweep_dir: Path, rows: list[dict], path: Path) -> None:
+def _plot_loss_curves(plt: ModuleType, sweep_dir: Path, rows: list[dict], path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(11, max(6.0, 0.24 * len(rows) + 2.0)), layout="constrained")
@@ -396,7 +400,7 @@ def _plot_loss_curves(plt, sweep_dir: Path, rows: list[dict], path: Path) -> Non
     plt.close(fig)
 
 
-def _plot_heatmap(plt, sweep_dir: Path, rows: list[dict], path: Path) -> None:
+def _plot_heatmap(plt: ModuleType, sweep_dir: Path, rows: list[dict], path: Path) -> None:
     """Best eval loss over rank x alpha (best over other overrides when several runs share a cell);
     a bar chart when only one of the two varies."""
     scored = [r for r in rows if r["best_eval_loss"] is not None and not r["status"].startswith("failed")]

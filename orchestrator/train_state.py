@@ -15,6 +15,9 @@ import logging
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from orchestrator import adapters, checkpoint
 from orchestrator.config.schema import RunConfig, as_dict
@@ -74,7 +77,7 @@ def manifest(run: RunConfig, step: int, base_fp: dict) -> dict:
 class Checkpointer:
     """The run's checkpoint client: where to resume from, restoring, and committed saves."""
 
-    def __init__(self, run: RunConfig, d: Dist, strategy: Strategy, peft_model: torch.nn.Module, base_fp: dict):
+    def __init__(self, run: RunConfig, d: Dist, strategy: Strategy, peft_model: nn.Module, base_fp: dict):
         self.run, self.d, self.strategy, self.peft_model, self.base_fp = run, d, strategy, peft_model, base_fp
         self.dir = RunDir(Path(run.output_dir))
         # Full shapes, taken before any sharding: a save must hold whole tensors, never shards.
@@ -111,7 +114,7 @@ class Checkpointer:
                 f"{ckpt}: adapter keys do not match this run's adapter (missing {missing[:5]}, unexpected {extra[:5]})")
         set_peft_model_state_dict(self.peft_model, saved)
 
-    def restore_state(self, ckpt: Path, model: torch.nn.Module, optimizer, scheduler) -> int:
+    def restore_state(self, ckpt: Path, model: nn.Module, optimizer: Optimizer, scheduler: LRScheduler) -> int:
         """Optimizer, scheduler and RNG states from ckpt; returns the step to continue from."""
         state_dir = ckpt / STATE
         meta = json.loads((state_dir / TRAINER_STATE).read_text())
@@ -133,19 +136,20 @@ class Checkpointer:
         log.info("resuming from %s at step %d", ckpt, step)
         return step
 
-    def save_step(self, step: int, model: torch.nn.Module, optimizer, scheduler, eval_loss: float | None = None) -> None:
+    def save_step(self, step: int, model: nn.Module, optimizer: Optimizer, scheduler: LRScheduler,
+                  eval_loss: float | None = None) -> None:
         """Commit checkpoints/step-<step> (adapter and training state), then prune old ones."""
         self._save(self.dir.step(step), step, model, (optimizer, scheduler, eval_loss))
         if self.d.is_main:
             checkpoint.prune(self.dir.checkpoints, self.run.trainer.keep_last, self.run.trainer.keep_best)
         self.d.barrier()
 
-    def save_final(self, step: int, model: torch.nn.Module) -> Path:
+    def save_final(self, step: int, model: nn.Module) -> Path:
         """Commit the final adapter (no training state) as the run's adapter/ directory."""
         self._save(self.dir.adapter, step, model, None)
         return self.dir.adapter
 
-    def _save(self, target: Path, step: int, model: torch.nn.Module, state: tuple | None) -> None:
+    def _save(self, target: Path, step: int, model: nn.Module, state: tuple | None) -> None:
         """Adapter (rank 0) and, for step checkpoints, the training state (all ranks) into one
         staging directory, published and marked committed only once everyone has written."""
         d = self.d
@@ -163,7 +167,7 @@ class Checkpointer:
             checkpoint.publish(tmp, target)
         d.barrier()
 
-    def _save_state(self, state_dir: Path, step: int, model: torch.nn.Module, optimizer, scheduler,
+    def _save_state(self, state_dir: Path, step: int, model: nn.Module, optimizer: Optimizer, scheduler: LRScheduler,
                     eval_loss: float | None) -> None:
         d = self.d
         state_dir.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ def _demo(kind: str) -> str:
     return str(paths[kind])
 
 
-def _number(value) -> int | float:
+def _number(value: object) -> int | float:
     if isinstance(value, bool):
         raise ValueError(f"${{mul:...}}: expected numbers, got {value!r}")
     if isinstance(value, (int, float)):

@@ -30,7 +30,6 @@ from orchestrator.config.schema import RunConfig, StrategyConfig, flatten
 from orchestrator.strategies import OptimizerFactory
 
 
-
 class DeepSpeedConfigConflict(ValueError):
     """A user DeepSpeed JSON contradicts what the run configuration sets."""
 
@@ -193,7 +192,7 @@ class DeepSpeedStrategy:
         finally:
             del keep
 
-    def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory):
+    def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
         import deepspeed
 
         _init_deepspeed_dist()
@@ -213,7 +212,7 @@ class DeepSpeedStrategy:
         if self._micro < self.grad_accum:
             e.step()  # not a boundary: DeepSpeed only advances its micro-step counter
 
-    def optimizer_step(self, optimizer, max_grad_norm: float) -> torch.Tensor:
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> torch.Tensor:
         e = self.engine
         if self._micro != self.grad_accum or not e.is_gradient_accumulation_boundary():
             raise RuntimeError(
@@ -253,11 +252,11 @@ class DeepSpeedStrategy:
 
     TAG = "zero"
 
-    def save_state(self, model: nn.Module, optimizer, state_dir: Path) -> None:
+    def save_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state_dir: Path) -> None:
         """DeepSpeed's own sharded checkpoint (every rank writes its partitions), adapter only."""
         self.engine.save_checkpoint(str(state_dir), tag=self.TAG, exclude_frozen_parameters=True, save_latest=False)
 
-    def load_state(self, model: nn.Module, optimizer, state_dir: Path) -> None:
+    def load_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state_dir: Path) -> None:
         path, _ = self.engine.load_checkpoint(
             str(state_dir), tag=self.TAG, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=False
         )

@@ -61,7 +61,7 @@ class ReplicatedAdapterStrategy:
     def load_context(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
-    def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory):
+    def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
         self._params = [p for p in model.parameters() if p.requires_grad]
         if self.shard_base is not None:
             self.shard_base(model, self.cfg, set(self._params))
@@ -70,7 +70,7 @@ class ReplicatedAdapterStrategy:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def optimizer_step(self, optimizer, max_grad_norm: float) -> torch.Tensor:
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> torch.Tensor:
         allreduce_grads(self._params)
         norm = torch.nn.utils.clip_grad_norm_(self._params, max_grad_norm if max_grad_norm > 0 else float("inf"))
         optimizer.step()
@@ -85,9 +85,9 @@ class ReplicatedAdapterStrategy:
 
     # Every worker holds the same optimizer state, so one copy is saved and any number of
     # workers can load it: resuming on a different worker count needs no resharding.
-    def save_state(self, model: nn.Module, optimizer, state_dir: Path) -> None:
+    def save_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state_dir: Path) -> None:
         if not dist.is_initialized() or dist.get_rank() == 0:
             torch.save(optimizer.state_dict(), state_dir / "optimizer.pt")
 
-    def load_state(self, model: nn.Module, optimizer, state_dir: Path) -> None:
+    def load_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state_dir: Path) -> None:
         optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=False))
