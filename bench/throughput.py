@@ -35,8 +35,16 @@ def build_model(work: Path, hidden: int, layers: int) -> Path:
     path = work / f"llama-h{hidden}-l{layers}"
     if not (path / "config.json").exists():
         inter = (hidden * 8 // 3 + 31) // 32 * 32
-        demo.build_tiny_model(path, tok, "llama", hidden_size=hidden, intermediate_size=inter, num_layers=layers,
-                              num_heads=max(4, hidden // 64), num_kv_heads=max(2, hidden // 256))
+        demo.build_tiny_model(
+            path,
+            tok,
+            "llama",
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_layers=layers,
+            num_heads=max(4, hidden // 64),
+            num_kv_heads=max(2, hidden // 256),
+        )
     return path
 
 
@@ -50,8 +58,16 @@ def build_data(work: Path, join: int) -> Path:
     with path.open("w") as f:
         for i in range(0, len(rows) - join + 1, join):
             group = rows[i : i + join]
-            f.write(json.dumps({"instruction": "\n".join(r["instruction"] + " " + r["input"] for r in group),
-                                "input": "", "output": "\n".join(r["output"] for r in group)}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "instruction": "\n".join(r["instruction"] + " " + r["input"] for r in group),
+                        "input": "",
+                        "output": "\n".join(r["output"] for r in group),
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -71,7 +87,9 @@ def hf_baseline(args) -> dict:
     tok = load_tokenizer(mcfg)
     examples = encode_rows(read_rows(args.data, "alpaca"), "alpaca", tok, args.seq)
     device = "cuda" if args.gpu else "cpu"
-    model = get_peft_model(load_base(mcfg, qcfg, device), peft_config(AdapterConfig(r=args.r, alpha=2 * args.r, dropout=0.0)))
+    model = get_peft_model(
+        load_base(mcfg, qcfg, device), peft_config(AdapterConfig(r=args.r, alpha=2 * args.r, dropout=0.0))
+    )
     tokens: list[int] = []
 
     def collator(batch):
@@ -93,32 +111,61 @@ def hf_baseline(args) -> dict:
             times.append(time.perf_counter() - self.t)
 
     targs = TrainingArguments(
-        output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.global_batch,
-        learning_rate=3e-3, lr_scheduler_type="cosine", warmup_steps=math.ceil(0.1 * args.steps), optim="paged_adamw_8bit",
-        logging_steps=10**9, save_strategy="no", report_to=[], use_cpu=not args.gpu, seed=42,
-        bf16=args.dtype == "bf16", dataloader_num_workers=0, remove_unused_columns=False,
-        gradient_checkpointing=False, max_grad_norm=1.0,
+        output_dir=args.out,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.global_batch,
+        learning_rate=3e-3,
+        lr_scheduler_type="cosine",
+        warmup_steps=math.ceil(0.1 * args.steps),
+        optim="paged_adamw_8bit",
+        logging_steps=10**9,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not args.gpu,
+        seed=42,
+        bf16=args.dtype == "bf16",
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        gradient_checkpointing=False,
+        max_grad_norm=1.0,
     )
     Trainer(model=model, args=targs, train_dataset=examples, data_collator=collator, callbacks=[StepTimer()]).train()
     # The collator may run one batch ahead of the step; pair tokens with timed steps in order.
-    rates = [n / t for n, t in zip(tokens, times)][args.warmup:]
+    rates = [n / t for n, t in zip(tokens, times)][args.warmup :]
     peak = torch.cuda.max_memory_allocated() if args.gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"tokens_per_s": statistics.median(rates), "peak_memory_bytes": peak}
 
 
 def orchestrator_run(args, strategy: str, workers: int) -> dict:
     out = Path(args.out) / f"orch-{strategy}-{workers}"
-    cmd = [sys.executable, "-m", "orchestrator", "train", "experiment=demo", f"model.path={args.model}",
-           f"model.dtype={args.dtype}", f"quant={args.quant}", f"strategy={strategy}", f"cluster.num_workers={workers}",
-           f"cluster.use_gpu={str(args.gpu).lower()}", f"trainer.micro_batch_size={args.global_batch // workers}",
-           f"trainer.max_steps={args.steps}", "trainer.save_every=0", f"data.max_seq_len={args.seq}",
-           f"data.path={args.data}", "data.eval_fraction=0", f"adapter.r={args.r}", f"adapter.alpha={2 * args.r}", "tracking=none",
-           f"output_dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "train",
+        "experiment=demo",
+        f"model.path={args.model}",
+        f"model.dtype={args.dtype}",
+        f"quant={args.quant}",
+        f"strategy={strategy}",
+        f"cluster.num_workers={workers}",
+        f"cluster.use_gpu={str(args.gpu).lower()}",
+        f"trainer.micro_batch_size={args.global_batch // workers}",
+        f"trainer.max_steps={args.steps}",
+        "trainer.save_every=0",
+        f"data.max_seq_len={args.seq}",
+        f"data.path={args.data}",
+        "data.eval_fraction=0",
+        f"adapter.r={args.r}",
+        f"adapter.alpha={2 * args.r}",
+        "tracking=none",
+        f"output_dir={out}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"orchestrator train failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "loss" in r][args.warmup:]
+    steps = [r for r in rows if "loss" in r][args.warmup :]
     return {
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps),
         "peak_memory_bytes": max(r["peak_memory_bytes"] for r in steps),
@@ -127,8 +174,13 @@ def orchestrator_run(args, strategy: str, workers: int) -> dict:
 
 
 def ratios(rows: dict, ref: dict) -> dict:
-    return {k: {"tokens_per_s": v["tokens_per_s"] / ref["tokens_per_s"], "peak_memory": v["peak_memory_bytes"] / ref["peak_memory_bytes"]}
-            for k, v in rows.items()}
+    return {
+        k: {
+            "tokens_per_s": v["tokens_per_s"] / ref["tokens_per_s"],
+            "peak_memory": v["peak_memory_bytes"] / ref["peak_memory_bytes"],
+        }
+        for k, v in rows.items()
+    }
 
 
 def table(title: str, rows: dict, ref: dict) -> None:
@@ -136,9 +188,11 @@ def table(title: str, rows: dict, ref: dict) -> None:
     print(f"{'variant':42} {'tokens/s':>10} {'ratio':>6} {'peak MiB':>9} {'ratio':>6} {'base MiB/worker':>16}")
     for name, r in rows.items():
         base = r.get("param_bytes_per_worker")
-        print(f"{name:42} {r['tokens_per_s']:10.1f} {r['tokens_per_s'] / ref['tokens_per_s']:6.2f} "
-              f"{r['peak_memory_bytes'] / 2**20:9.1f} {r['peak_memory_bytes'] / ref['peak_memory_bytes']:6.2f} "
-              f"{'' if base is None else f'{base / 2**20:16.2f}'}")
+        print(
+            f"{name:42} {r['tokens_per_s']:10.1f} {r['tokens_per_s'] / ref['tokens_per_s']:6.2f} "
+            f"{r['peak_memory_bytes'] / 2**20:9.1f} {r['peak_memory_bytes'] / ref['peak_memory_bytes']:6.2f} "
+            f"{'' if base is None else f'{base / 2**20:16.2f}'}"
+        )
 
 
 def main() -> None:
@@ -155,7 +209,11 @@ def main() -> None:
     p.add_argument("--quant", default="nf4", choices=["nf4", "none"])
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"])
     p.add_argument("--workers", type=int, default=2, help="workers of the sharded runs (CPU processes or GPUs)")
-    p.add_argument("--strategies", default="fsdp,zero2,zero3,zero3_offload", help="sharded strategies to compare (ratios to the first)")
+    p.add_argument(
+        "--strategies",
+        default="fsdp,zero2,zero3,zero3_offload",
+        help="sharded strategies to compare (ratios to the first)",
+    )
     p.add_argument("--baseline-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -172,25 +230,46 @@ def main() -> None:
     args.model = str(build_model(work, args.hidden, args.layers))
     args.data = str(build_data(work, args.join))
     args.out = str(work)
-    child = [sys.executable, __file__, "--baseline-only", *sys.argv[1:], f"--model={args.model}", f"--data={args.data}", f"--out={work / 'hf'}"]
+    child = [
+        sys.executable,
+        __file__,
+        "--baseline-only",
+        *sys.argv[1:],
+        f"--model={args.model}",
+        f"--data={args.data}",
+        f"--out={work / 'hf'}",
+    ]
     proc = subprocess.run(child, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"baseline failed:\n{proc.stderr[-3000:]}")
     baseline = json.loads(proc.stdout.strip().splitlines()[-1])
-    results = {"hf_trainer_peft (1 process)": baseline, "orchestrator single (1 worker)": orchestrator_run(args, "single", 1)}
+    results = {
+        "hf_trainer_peft (1 process)": baseline,
+        "orchestrator single (1 worker)": orchestrator_run(args, "single", 1),
+    }
     strategies = {s: orchestrator_run(args, s, args.workers) for s in args.strategies.split(",") if s}
 
-    print(f"\nmodel: llama hidden={args.hidden} layers={args.layers}, {args.quant} base, {args.dtype}, LoRA r={args.r}, "
-          f"global batch {args.global_batch} x {args.seq} tokens max, {args.steps} steps ({'GPU' if args.gpu else 'CPU'})")
-    table("against the Hugging Face Trainer + PEFT baseline", {**results, **{f"orchestrator {k} ({args.workers} workers)": v for k, v in strategies.items()}}, baseline)
+    print(
+        f"\nmodel: llama hidden={args.hidden} layers={args.layers}, {args.quant} base, {args.dtype}, LoRA r={args.r}, "
+        f"global batch {args.global_batch} x {args.seq} tokens max, {args.steps} steps ({'GPU' if args.gpu else 'CPU'})"
+    )
+    table(
+        "against the Hugging Face Trainer + PEFT baseline",
+        {**results, **{f"orchestrator {k} ({args.workers} workers)": v for k, v in strategies.items()}},
+        baseline,
+    )
     if strategies:
         first = next(iter(strategies))
         table(f"strategies against {first} ({args.workers} workers each)", strategies, strategies[first])
     device = "gpu" if args.gpu else "cpu"
-    record = {"args": {k: v for k, v in vars(args).items() if k not in ("model", "data", "out", "baseline_only")},
-              "machine": platform.platform(), "results": results, "strategies": strategies,
-              "ratios_to_baseline": ratios(results, baseline),
-              "strategy_ratios_to_first": ratios(strategies, next(iter(strategies.values()))) if strategies else {}}
+    record = {
+        "args": {k: v for k, v in vars(args).items() if k not in ("model", "data", "out", "baseline_only")},
+        "machine": platform.platform(),
+        "results": results,
+        "strategies": strategies,
+        "ratios_to_baseline": ratios(results, baseline),
+        "strategy_ratios_to_first": ratios(strategies, next(iter(strategies.values()))) if strategies else {},
+    }
     dest = HERE / "results" / f"throughput-{device}.json"
     dest.write_text(json.dumps(record, indent=2) + "\n")
     print(f"written to {dest}")

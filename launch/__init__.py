@@ -15,10 +15,11 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 from orchestrator.config.schema import RunConfig
-
 
 SUCCEEDED = ("SUCCEEDED", "COMPLETED")  # Ray's and Slurm's word for a job that finished well
 
@@ -68,7 +69,7 @@ def detached(job: dict) -> str:
     return "DETACHED"
 
 
-def target(kind: str):
+def target(kind: str) -> ModuleType:
     """The module that submits to, follows and controls jobs of this kind: submit(run) -> job
     record (None for a dry run), follow(job) -> final state, status(job) -> (state, message),
     logs(job), stop(job)."""
@@ -81,7 +82,7 @@ def target(kind: str):
     return ray_job
 
 
-def wait_all(jobs: list[dict], poll_s: float = 3.0):
+def wait_all(jobs: list[dict], poll_s: float = 3.0) -> Iterator[tuple[dict, tuple[str, str]]]:
     """Yield (job, (state, message)) for each job as it ends, in the order they end."""
     pending = list(jobs)
     while pending:

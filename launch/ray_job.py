@@ -35,8 +35,10 @@ ACTIVE = ("PENDING", "RUNNING")
 def _address(run: RunConfig | None = None, address: str | None = None) -> str:
     addr = address or (run.cluster.address if run else None) or os.environ.get("RAY_ADDRESS")
     if not addr:
-        raise SubmitError("cluster.address: not set and RAY_ADDRESS is empty; give the Ray dashboard address, "
-                          "e.g. cluster.address=http://head-node:8265")
+        raise SubmitError(
+            "cluster.address: not set and RAY_ADDRESS is empty; give the Ray dashboard address, "
+            "e.g. cluster.address=http://head-node:8265"
+        )
     return addr
 
 
@@ -80,16 +82,23 @@ def submit(run: RunConfig) -> dict | None:
     env, secrets = job_env(run)
     if run.cluster.dry_run:
         print(f"entrypoint: {entrypoint(run)}")
-        print("env_vars: " + ", ".join([f"{k}={v}" for k, v in env.items()] + [f"{k}=<from your environment>" for k in secrets]))
-        print("working_dir: the orchestrator package and run.yaml:\n" + OmegaConf.to_yaml(OmegaConf.create(as_dict(run))))
+        print(
+            "env_vars: "
+            + ", ".join([f"{k}={v}" for k, v in env.items()] + [f"{k}=<from your environment>" for k in secrets])
+        )
+        print(
+            "working_dir: the orchestrator package and run.yaml:\n" + OmegaConf.to_yaml(OmegaConf.create(as_dict(run)))
+        )
         return None
     address = _address(run)
     c = client(address)
     running = _active_job_of_run(c, run.output_dir)
     if running:
-        raise SubmitError(f"the run in {run.output_dir} is already running as Ray job {running}; follow it with "
-                          f"`orchestrator jobs logs {running}`, stop it with `orchestrator jobs stop {running}`, "
-                          "or give the new run another name")
+        raise SubmitError(
+            f"the run in {run.output_dir} is already running as Ray job {running}; follow it with "
+            f"`orchestrator jobs logs {running}`, stop it with `orchestrator jobs stop {running}`, "
+            "or give the new run another name"
+        )
     job_id = f"orchestrator-{re.sub(r'[^A-Za-z0-9_-]+', '-', run.name or 'run')[:60]}-{uuid.uuid4().hex[:8]}"
     runtime_env = {"working_dir": None, "env_vars": {**env, **{k: os.environ[k] for k in secrets}}}
     if run.cluster.pip:
@@ -98,8 +107,12 @@ def submit(run: RunConfig) -> dict | None:
         _stage(run, Path(stage))
         runtime_env["working_dir"] = stage
         try:
-            c.submit_job(entrypoint=entrypoint(run), submission_id=job_id, runtime_env=runtime_env,
-                         metadata={"orchestrator_run_dir": run.output_dir, "orchestrator_name": run.name or ""})
+            c.submit_job(
+                entrypoint=entrypoint(run),
+                submission_id=job_id,
+                runtime_env=runtime_env,
+                metadata={"orchestrator_run_dir": run.output_dir, "orchestrator_name": run.name or ""},
+            )
         except Exception as e:  # noqa: BLE001 - the Jobs API's refusal, as the cluster phrased it
             raise SubmitError(f"the Ray cluster at {address} refused the job: {e}") from None
     return record_job(job_id, "ray", address=address, run_dir=run.output_dir)
@@ -122,6 +135,7 @@ def follow(job: dict) -> str:
 
 
 # --- `orchestrator jobs` ----------------------------------------------------------------------
+
 
 def _job_client(job: dict):
     return client(_address(address=job.get("address")))

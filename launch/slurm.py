@@ -26,8 +26,19 @@ from orchestrator.packaged import packaged
 from orchestrator.rundir import PREEMPTED_EXIT, RunDir
 
 TEMPLATE = packaged("slurm") / "train.sbatch.j2"
-ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "SUSPENDED",
-          "RESIZING", "SIGNALING", "STAGE_OUT")
+ACTIVE = (
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "CONFIGURING",
+    "COMPLETING",
+    "SUSPENDED",
+    "RESIZING",
+    "SIGNALING",
+    "STAGE_OUT",
+)
 _PLAIN = re.compile(r"[A-Za-z0-9_.,:/=+@%-]+")
 
 
@@ -52,10 +63,17 @@ def render(run: RunConfig) -> str:
     config_yaml = OmegaConf.to_yaml(OmegaConf.create(as_dict(run)))
     env, _ = job_env(run)  # secrets are not rendered: sbatch passes the submitting environment
     # bash uses `{#` (${#nodes[@]}): Jinja comments get delimiters bash never writes.
-    templ = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False,
-                               comment_start_string="{=#", comment_end_string="#=}")
+    templ = jinja2.Environment(
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+        comment_start_string="{=#",
+        comment_end_string="#=}",
+    )
     templ.filters.update(q=lambda v: shlex.quote(str(v)), sb=_sbatch_value)
-    return templ.from_string(TEMPLATE.read_text()).render(
+    return templ.from_string(
+        TEMPLATE.read_text()
+    ).render(
         run_name=run.name,
         job_name=s.job_name or run.name,
         nodes=s.nodes,
@@ -64,7 +82,9 @@ def render(run: RunConfig) -> str:
         mem=s.mem,
         time=s.time,
         optional=[(k, getattr(s, k)) for k in ("partition", "account", "qos", "constraint") if getattr(s, k)],
-        log_path=str(RunDir(Path(run.output_dir.replace("%", "%%"))).slurm_log("%j")),  # sbatch expands %j, so % is doubled
+        log_path=str(
+            RunDir(Path(run.output_dir.replace("%", "%%"))).slurm_log("%j")
+        ),  # sbatch expands %j, so % is doubled
         requeue=s.requeue,
         signal_grace_s=s.signal_grace_s,
         extra_sbatch=s.extra_sbatch,
@@ -82,8 +102,10 @@ def render(run: RunConfig) -> str:
 
 def _run(cmd: list[str], what: str) -> str:
     if shutil.which(cmd[0]) is None:
-        raise SubmitError(f"{cmd[0]} not found on PATH: submit from a Slurm login node (or start the dev cluster, "
-                          "slurm/dev-cluster.sh up)")
+        raise SubmitError(
+            f"{cmd[0]} not found on PATH: submit from a Slurm login node (or start the dev cluster, "
+            "slurm/dev-cluster.sh up)"
+        )
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise SubmitError(f"{what}: {(r.stderr or r.stdout).strip()}")
@@ -105,16 +127,17 @@ def submit(run: RunConfig) -> dict | None:
         return None
     running = _active_job_of_run(run.output_dir)
     if running:
-        raise SubmitError(f"the run in {run.output_dir} is already queued or running as Slurm job {running}; "
-                          f"`orchestrator jobs stop {running}` stops it, or give the new run another name")
+        raise SubmitError(
+            f"the run in {run.output_dir} is already queued or running as Slurm job {running}; "
+            f"`orchestrator jobs stop {running}` stops it, or give the new run another name"
+        )
     rundir = RunDir(Path(run.output_dir))
     rundir.slurm.mkdir(parents=True, exist_ok=True)  # sbatch does not create the log's directory
     path = rundir.slurm / f"job-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}.sbatch"
     path.write_text(script)
     out = _run(["sbatch", "--parsable", str(path)], "sbatch refused the job")
     job_id = out.strip().split(";")[0]
-    return record_job(job_id, "slurm", run_dir=run.output_dir, script=str(path),
-                      log=str(rundir.slurm_log(job_id)))
+    return record_job(job_id, "slurm", run_dir=run.output_dir, script=str(path), log=str(rundir.slurm_log(job_id)))
 
 
 def show(job_id: str) -> dict[str, str]:
@@ -130,7 +153,11 @@ def status(job: dict) -> tuple[str, str]:
     info = show(job["id"])
     if not info:
         return "UNKNOWN", "Slurm no longer lists this job (finished jobs are purged after MinJobAge)"
-    detail = [f"{k}={info[k]}" for k in ("Reason", "ExitCode", "Restarts", "NodeList") if info.get(k) not in (None, "None", "(null)")]
+    detail = [
+        f"{k}={info[k]}"
+        for k in ("Reason", "ExitCode", "Restarts", "NodeList")
+        if info.get(k) not in (None, "None", "(null)")
+    ]
     return info["JobState"], " ".join(detail)
 
 

@@ -86,7 +86,9 @@ def check_adapter(state: dict[str, torch.Tensor], expected: dict[str, tuple[int,
         problems.append(f"unexpected tensors: {extra[:5]}{'...' if len(extra) > 5 else ''}")
     for k, t in state.items():
         if k in expected and tuple(t.shape) != expected[k]:
-            problems.append(f"{k}: shape {tuple(t.shape)} but the adapter defines {expected[k]} (a shard, not the full tensor?)")
+            problems.append(
+                f"{k}: shape {tuple(t.shape)} but the adapter defines {expected[k]} (a shard, not the full tensor?)"
+            )
         elif t.numel() == 0:
             problems.append(f"{k}: empty tensor")
         elif not torch.isfinite(t).all():
@@ -96,7 +98,11 @@ def check_adapter(state: dict[str, torch.Tensor], expected: dict[str, tuple[int,
 
 
 def save_adapter(
-    peft_model: PeftModel, trainable: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], out_dir: Path, manifest: dict
+    peft_model: PeftModel,
+    trainable: dict[str, torch.Tensor],
+    expected: dict[str, tuple[int, ...]],
+    out_dir: Path,
+    manifest: dict,
 ) -> None:
     """Check, then write adapter_config.json + adapter_model.safetensors (plain PEFT format) and
     manifest.json. `trainable` holds full tensors under the model's parameter names."""

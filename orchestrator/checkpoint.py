@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from orchestrator.rundir import MARKER, STATE, STEP_DIR, TRAINER_STATE
 
@@ -85,7 +85,11 @@ def clean_torn(checkpoints_dir: Path) -> list[Path]:
     """Remove what a crash mid-save left behind (staging dirs, step dirs without the marker)."""
     if not checkpoints_dir.is_dir():
         return []
-    torn = [p for p in checkpoints_dir.iterdir() if p.is_dir() and (p.name.endswith(".tmp") or (STEP_DIR.match(p.name) and not is_committed(p)))]
+    torn = [
+        p
+        for p in checkpoints_dir.iterdir()
+        if p.is_dir() and (p.name.endswith(".tmp") or (STEP_DIR.match(p.name) and not is_committed(p)))
+    ]
     for p in torn:
         shutil.rmtree(p)
     return torn

@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchestrator", description="Distributed LoRA / QLoRA fine-tuning.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    train = commands.add_parser("train", help="fine-tune an adapter (Hydra overrides follow)", description=TRAIN_HELP,
-                                allow_abbrev=False)
+    train = commands.add_parser(
+        "train", help="fine-tune an adapter (Hydra overrides follow)", description=TRAIN_HELP, allow_abbrev=False
+    )
     _train_flags(train)
     train.add_argument("hydra_args", nargs=argparse.REMAINDER, help="Hydra overrides and flags")
 
@@ -57,20 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="summarise a multirun")
     sweep_commands = sweep.add_subparsers(dest="sweep_command", metavar="report", required=True)
     report = sweep_commands.add_parser(
-        "report", help="table on the terminal, report.csv/.md and plots in SWEEP_DIR/report/")
+        "report", help="table on the terminal, report.csv/.md and plots in SWEEP_DIR/report/"
+    )
     report.add_argument("sweep_dir", type=Path, help="a multirun directory (multirun/<date>/<time>)")
     report.set_defaults(func=report_command)
     return parser
 
 
 def _train_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dry-run", action="store_true",
-                        help="cluster=ray|slurm: print what would be submitted and submit nothing")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show Ray's internal log lines on the terminal too (ORCHESTRATOR_VERBOSE=1)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="cluster=ray|slurm: print what would be submitted and submit nothing"
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's internal log lines on the terminal too (ORCHESTRATOR_VERBOSE=1)",
+    )
 
 
 # --- train --------------------------------------------------------------------------------------
+
 
 @dataclass
 class TrainCommand:
@@ -136,15 +143,22 @@ class TrainCommand:
 
         hc = HydraConfig.get()
         swept = self.swept | set(hc.sweeper.get("params") or {})
-        label = ",".join(o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept) or hc.job.override_dirname
+        label = (
+            ",".join(o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept)
+            or hc.job.override_dirname
+        )
         run.tracking.group = run.tracking.group or (run.name if run.storage_path else hc.sweep.dir)
         run.tracking.name = run.tracking.name or label or run.name
         if run.storage_path and label:
             run.name = f"{run.name}/{label}"
             run.output_dir = run.storage_run_dir()
         if run.cluster.kind != "local" and "optuna" in str(hc.sweeper.get("_target_", "")).lower():
-            raise ConfigError(["sweep: the Optuna sweeper runs trials one after another on the final eval loss "
-                               "of each; run it with cluster=local, or use a grid preset for cluster sweeps"])
+            raise ConfigError(
+                [
+                    "sweep: the Optuna sweeper runs trials one after another on the final eval loss "
+                    "of each; run it with cluster=local, or use a grid preset for cluster sweeps"
+                ]
+            )
 
     def _submit(self, run: Any) -> bool:
         """Submit to the run's cluster, then follow the job to its end unless detached (the runs of
@@ -185,7 +199,9 @@ class TrainCommand:
         for job, (state, message) in launch.wait_all(self.sweep_jobs):
             print(f"job {job['id']} {state}: {job['run_dir']}", flush=True)
             if state not in launch.SUCCEEDED:
-                self.failed.append(f"{job['run_dir']}: job {job['id']} ended {state}{': ' + message if message else ''}")
+                self.failed.append(
+                    f"{job['run_dir']}: job {job['id']} ended {state}{': ' + message if message else ''}"
+                )
 
 
 def _multirun() -> bool:
@@ -245,6 +261,7 @@ def train(argv: list[str]) -> None:
 
 
 # --- the other commands -------------------------------------------------------------------------
+
 
 def merge_command(args: argparse.Namespace) -> None:
     from orchestrator.merge import MergeError, merge

@@ -140,7 +140,14 @@ def build_tiny_model(
 def _dataset_texts() -> Iterator[str]:
     for line in DEMO_DATA.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
-        yield "### Instruction:\n" + row["instruction"] + "\n\n### Input:\n" + row["input"] + "\n\n### Response:\n" + row["output"]
+        yield (
+            "### Instruction:\n"
+            + row["instruction"]
+            + "\n\n### Input:\n"
+            + row["input"]
+            + "\n\n### Response:\n"
+            + row["output"]
+        )
     for line in DEMO_CHAT_DATA.read_text(encoding="utf-8").splitlines():
         for m in json.loads(line)["messages"]:
             yield m["content"]
@@ -187,8 +194,9 @@ def localise(run: RunConfig) -> None:
     A config composed on another machine (a job submitted to a cluster) names that machine's
     demo paths; only paths that look like the demo's and do not exist here are replaced."""
     model = Path(run.model.path)
-    if model == demo_dir() / "tiny-llama" or (model.name == "tiny-llama" and model.parent.name == "demo"
-                                             and not model.exists()):
+    if model == demo_dir() / "tiny-llama" or (
+        model.name == "tiny-llama" and model.parent.name == "demo" and not model.exists()
+    ):
         run.model.path = str(ensure_demo_assets())
     for field in ("path", "eval_path"):
         value = getattr(run.data, field)
@@ -201,8 +209,30 @@ def localise(run: RunConfig) -> None:
 # --- data generators -------------------------------------------------------------------------
 
 WORDS = [
-    "cat", "dog", "sun", "moon", "tree", "fish", "bird", "rock", "rain", "star", "milk", "book",
-    "door", "hat", "cup", "leaf", "ship", "lamp", "frog", "bell", "cake", "snow", "wind", "rose",
+    "cat",
+    "dog",
+    "sun",
+    "moon",
+    "tree",
+    "fish",
+    "bird",
+    "rock",
+    "rain",
+    "star",
+    "milk",
+    "book",
+    "door",
+    "hat",
+    "cup",
+    "leaf",
+    "ship",
+    "lamp",
+    "frog",
+    "bell",
+    "cake",
+    "snow",
+    "wind",
+    "rose",
 ]
 LETTERS = "abcdefghijklmnopqrstuvwxy"  # no z: its successor is undefined
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

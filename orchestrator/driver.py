@@ -23,13 +23,25 @@ class RunFailed(RuntimeError):
 
 # Settings that may change between a run and its resumption: where and how it runs, not what
 # it computes (the global batch is compared on its own).
-RESUMABLE_CHANGES = ("output_dir", "storage_path", "resume", "name", "cluster.", "tracking.", "trainer.micro_batch_size", "trainer.grad_accum")
+RESUMABLE_CHANGES = (
+    "output_dir",
+    "storage_path",
+    "resume",
+    "name",
+    "cluster.",
+    "tracking.",
+    "trainer.micro_batch_size",
+    "trainer.grad_accum",
+)
 
 
 def config_differences(old: dict, new: RunConfig) -> list[str]:
     a, b = flatten(old), flatten(as_dict(new))
-    diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-             if not k.startswith(RESUMABLE_CHANGES) and a.get(k) != b.get(k)]
+    diffs = [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if not k.startswith(RESUMABLE_CHANGES) and a.get(k) != b.get(k)
+    ]
     t, c = old.get("trainer", {}), old.get("cluster", {})
     old_batch = t.get("micro_batch_size", 0) * t.get("grad_accum", 0) * c.get("num_workers", 0)
     if old_batch != new.global_batch():
@@ -46,13 +58,16 @@ def check_output_dir(run: RunConfig) -> bool:
     if not (step_checkpoints(rundir.checkpoints) or rundir.is_complete()):
         return True
     if run.resume == "never":
-        raise FileExistsError(f"output_dir {rundir.root} already holds checkpoints and resume=never; choose a new output_dir")
+        raise FileExistsError(
+            f"output_dir {rundir.root} already holds checkpoints and resume=never; choose a new output_dir"
+        )
     old = OmegaConf.to_container(OmegaConf.load(rundir.config)) if rundir.config.is_file() else {}
     diffs = config_differences(old, run)
     if diffs:
         raise FileExistsError(
             f"output_dir {rundir.root} holds the checkpoints of a different run; resuming would mix them. "
-            "Use a new output_dir (with storage_path: a new name), or the same config. Differences:\n  " + "\n  ".join(diffs)
+            "Use a new output_dir (with storage_path: a new name), or the same config. Differences:\n  "
+            + "\n  ".join(diffs)
         )
     return not rundir.is_complete()
 
@@ -104,9 +119,15 @@ def check_cluster(run: RunConfig) -> None:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     need = _per_worker(run)
     fits = placeable_workers(nodes, need)
-    offered = "; ".join(f"{n['NodeManagerAddress']}: " + ", ".join(f"{k}={v:g}" for k, v in sorted(n["Resources"].items())
-                                                                  if not k.startswith(("node:", "memory", "object_store")))
-                        for n in nodes)
+    offered = "; ".join(
+        f"{n['NodeManagerAddress']}: "
+        + ", ".join(
+            f"{k}={v:g}"
+            for k, v in sorted(n["Resources"].items())
+            if not k.startswith(("node:", "memory", "object_store"))
+        )
+        for n in nodes
+    )
     log.info("Ray cluster of %d node(s) (%s) holds %d workers of %s", len(nodes), offered, fits, need)
     if fits < run.cluster.num_workers and not run.cluster.autoscaling:
         raise RunFailed(
@@ -142,8 +163,12 @@ def nodes_missing_file(directory: Path, nodes: list[dict]) -> list[str]:
             return False
 
     try:
-        refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker))
-                for n in nodes]
+        refs = [
+            sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                str(marker)
+            )
+            for n in nodes
+        ]
         return [f"{n['NodeManagerAddress']} (node {n['NodeID'][:12]})" for n, ok in zip(nodes, ray.get(refs)) if not ok]
     finally:
         marker.unlink(missing_ok=True)
@@ -221,6 +246,8 @@ def train(run: RunConfig, on_cluster: bool = False) -> Path:
         if in_main:
             signal.signal(signal.SIGUSR1, previous)
     if rundir.stop_requested() and not rundir.is_complete():
-        raise Preempted(f"preempted: the run in {rundir.root} committed its latest checkpoint and stopped; "
-                        "the same command (or the requeued job) resumes it")
+        raise Preempted(
+            f"preempted: the run in {rundir.root} committed its latest checkpoint and stopped; "
+            "the same command (or the requeued job) resumes it"
+        )
     return rundir.adapter

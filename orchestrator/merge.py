@@ -47,23 +47,38 @@ def merge(adapter: Path, output: Path, base: Path | None = None, dtype: str = "b
     if differs:
         raise MergeError(f"{base} is not the base {adapter} was trained on: its {', '.join(differs)} differ")
     if "quantization_config" in json.loads((base / "config.json").read_text()):
-        log.warning("%s holds quantized weights only: merging into their dequantized values adds the "
-                    "quantization error to the result; merge into the original full-precision base if you have it", base)
+        log.warning(
+            "%s holds quantized weights only: merging into their dequantized values adds the "
+            "quantization error to the result; merge into the original full-precision base if you have it",
+            base,
+        )
 
     model = PeftModel.from_pretrained(load_base(model_cfg, QuantConfig(kind="none"), "cpu"), str(adapter))
     saved = set(load_file(adapter / ADAPTER_WEIGHTS))
     expected = set(get_peft_model_state_dict(model))
     if saved != expected:
-        raise MergeError(f"{adapter} does not fit this base's adapter layout: missing {sorted(expected - saved)[:5]}, "
-                         f"unexpected {sorted(saved - expected)[:5]}")
+        raise MergeError(
+            f"{adapter} does not fit this base's adapter layout: missing {sorted(expected - saved)[:5]}, "
+            f"unexpected {sorted(saved - expected)[:5]}"
+        )
     merged = model.merge_and_unload()
     merged.config.use_cache = True
 
     def write(tmp: Path) -> None:
         merged.save_pretrained(tmp, max_shard_size=shard_size)
         load_tokenizer(model_cfg).save_pretrained(tmp)
-        (tmp / "merge_manifest.json").write_text(json.dumps({"adapter": str(adapter.resolve()), "base": str(base.resolve()),
-                                                             "adapter_manifest": manifest, "dtype": dtype}, indent=2) + "\n")
+        (tmp / "merge_manifest.json").write_text(
+            json.dumps(
+                {
+                    "adapter": str(adapter.resolve()),
+                    "base": str(base.resolve()),
+                    "adapter_manifest": manifest,
+                    "dtype": dtype,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
     with torch.no_grad():
         return checkpoint.commit(output, write)

@@ -10,22 +10,32 @@ import hashlib
 import json
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from orchestrator.config.schema import ModelConfig, QuantConfig
 
+if TYPE_CHECKING:  # transformers is imported where it is used
+    from transformers import BitsAndBytesConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+)
 
 
-def load_model_config(model: ModelConfig):
+def load_model_config(model: ModelConfig) -> PretrainedConfig:
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
 
 
-def module_names(model_config, model: ModelConfig) -> dict[str, str]:
+def module_names(model_config: PretrainedConfig, model: ModelConfig) -> dict[str, str]:
     """{module name: class name} of the architecture, built on the meta device (no weights)."""
     from transformers import AutoModelForCausalLM
 
@@ -39,7 +49,7 @@ def module_names(model_config, model: ModelConfig) -> dict[str, str]:
     return out
 
 
-def bnb_config(model: ModelConfig, quant: QuantConfig):
+def bnb_config(model: ModelConfig, quant: QuantConfig) -> BitsAndBytesConfig:
     from transformers import BitsAndBytesConfig
 
     dtype = DTYPES[model.dtype]
@@ -54,10 +64,9 @@ def bnb_config(model: ModelConfig, quant: QuantConfig):
     )
 
 
-def load_base(model: ModelConfig, quant: QuantConfig, device: torch.device | str = "cpu"):
+def load_base(model: ModelConfig, quant: QuantConfig, device: torch.device | str = "cpu") -> PreTrainedModel:
     """The frozen base, on `device`, in model.dtype or 4-bit NF4."""
     from transformers import AutoModelForCausalLM
-
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     kwargs = dict(
@@ -81,7 +90,7 @@ def load_base(model: ModelConfig, quant: QuantConfig, device: torch.device | str
     return m
 
 
-def _keep_4bit_layout(model) -> None:
+def _keep_4bit_layout(model: PreTrainedModel) -> None:
     """Stop bitsandbytes from repacking 4-bit weights in place for its CPU inference kernel.
 
     On CPUs with AVX512-BF16, Linear4bit.forward in eval mode without grad replaces
@@ -97,7 +106,7 @@ def _keep_4bit_layout(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_tokenizer(model: ModelConfig):
+def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
@@ -109,7 +118,7 @@ def load_tokenizer(model: ModelConfig):
 SAMPLES, SAMPLE_BYTES = 32, 64 * 1024
 
 
-def _weights_digest(path: Path, h) -> None:
+def _weights_digest(path: Path, h: hashlib._Hash) -> None:
     """Header (names, dtypes, shapes) plus 32 slices of 64 KiB spread over the tensor data.
 
     Headers alone cannot tell a base from its fine-tuned sibling (same shapes, same sizes), and
@@ -147,7 +156,9 @@ def fingerprint(model: ModelConfig, quant: QuantConfig) -> dict:
         weights.update(f.name.encode() + str(f.stat().st_size).encode())
         _weights_digest(f, weights)
     parts["weights"] = weights.hexdigest()
-    parts["quant"] = hashlib.sha256(json.dumps([quant.kind, quant.double_quant, quant.storage_dtype or model.dtype]).encode()).hexdigest()
+    parts["quant"] = hashlib.sha256(
+        json.dumps([quant.kind, quant.double_quant, quant.storage_dtype or model.dtype]).encode()
+    ).hexdigest()
     for k in ("config", "tokenizer", "weights", "quant"):
         h.update(parts[k].encode())
     return {"sha256": h.hexdigest(), "parts": parts}

@@ -27,8 +27,12 @@ def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
     return math.ceil(cfg.warmup_ratio * total_steps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     from transformers import get_scheduler
 
     name = "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps(cfg, total_steps), num_training_steps=total_steps)
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=warmup_steps(cfg, total_steps), num_training_steps=total_steps
+    )

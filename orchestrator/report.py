@@ -25,18 +25,40 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 COLUMNS = [
-    "run", "r", "alpha", "overrides", "final_eval_loss", "best_eval_loss", "final_loss",
-    "tokens_per_s", "peak_memory_mib", "trainable_params", "steps", "status",
+    "run",
+    "r",
+    "alpha",
+    "overrides",
+    "final_eval_loss",
+    "best_eval_loss",
+    "final_loss",
+    "tokens_per_s",
+    "peak_memory_mib",
+    "trainable_params",
+    "steps",
+    "status",
 ]
 HEADERS = {
-    "run": "run", "r": "r", "alpha": "alpha", "overrides": "other overrides",
-    "final_eval_loss": "final eval loss", "best_eval_loss": "best eval loss", "final_loss": "final train loss",
-    "tokens_per_s": "tokens/s (median)", "peak_memory_mib": "peak memory (MiB)",
-    "trainable_params": "trainable params", "steps": "steps", "status": "status",
+    "run": "run",
+    "r": "r",
+    "alpha": "alpha",
+    "overrides": "other overrides",
+    "final_eval_loss": "final eval loss",
+    "best_eval_loss": "best eval loss",
+    "final_loss": "final train loss",
+    "tokens_per_s": "tokens/s (median)",
+    "peak_memory_mib": "peak memory (MiB)",
+    "trainable_params": "trainable params",
+    "steps": "steps",
+    "status": "status",
 }
 SHORT_HEADERS = {  # for the terminal, where width is short
-    "final_eval_loss": "final\neval", "best_eval_loss": "best\neval", "final_loss": "final\ntrain",
-    "tokens_per_s": "tok/s\nmedian", "peak_memory_mib": "peak\nMiB", "trainable_params": "trainable\nparams",
+    "final_eval_loss": "final\neval",
+    "best_eval_loss": "best\neval",
+    "final_loss": "final\ntrain",
+    "tokens_per_s": "tok/s\nmedian",
+    "peak_memory_mib": "peak\nMiB",
+    "trainable_params": "trainable\nparams",
 }
 # Keys Hydra leaves out of the run directory's name (conf/config.yaml): not part of what a run is.
 _IGNORED_KEYS = {"output_dir", "resume", "cluster.address", "tracking.mode"}
@@ -177,20 +199,22 @@ def collect(sweep_dir: Path) -> list[dict]:
             err = _error(run_dir)
             status = f"failed: {err}" if err is not None else "running"
 
-        rows.append({
-            "run": run_dir.relative_to(sweep_dir).as_posix() if run_dir != sweep_dir else run_dir.name,
-            "r": _number(r),
-            "alpha": _number(alpha),
-            "overrides": ",".join(other),
-            "final_eval_loss": eval_losses[-1] if eval_losses else None,
-            "best_eval_loss": min(eval_losses) if eval_losses else None,
-            "final_loss": float(train[-1]["loss"]) if train else None,
-            "tokens_per_s": statistics.median(tps) if tps else None,
-            "peak_memory_mib": max(peaks) / 2**20 if peaks else None,
-            "trainable_params": trainable_params(run_dir),
-            "steps": max(steps) if steps else 0,
-            "status": status,
-        })
+        rows.append(
+            {
+                "run": run_dir.relative_to(sweep_dir).as_posix() if run_dir != sweep_dir else run_dir.name,
+                "r": _number(r),
+                "alpha": _number(alpha),
+                "overrides": ",".join(other),
+                "final_eval_loss": eval_losses[-1] if eval_losses else None,
+                "best_eval_loss": min(eval_losses) if eval_losses else None,
+                "final_loss": float(train[-1]["loss"]) if train else None,
+                "tokens_per_s": statistics.median(tps) if tps else None,
+                "peak_memory_mib": max(peaks) / 2**20 if peaks else None,
+                "trainable_params": trainable_params(run_dir),
+                "steps": max(steps) if steps else 0,
+                "status": status,
+            }
+        )
     return sort_rows(rows)
 
 
@@ -205,6 +229,7 @@ def _yaml_value(v: str | None) -> Any:
 
 def sort_rows(rows: list[dict]) -> list[dict]:
     """Best eval loss ascending; runs without an eval loss after those with one; failed runs last."""
+
     def key(row: dict) -> tuple:
         best = row["best_eval_loss"]
         return (row["status"].startswith("failed"), best is None, best if best is not None else 0.0, row["run"])
@@ -259,16 +284,25 @@ def _rich_table(rows: list[dict], common: list[str], with_run: bool):
 
     varying = [_varying(r, common) for r in rows]
     cols = [c for c in COLUMNS if (c != "overrides" or any(varying)) and (c != "run" or with_run)]
-    caption = "\n".join(
-        ([f"common overrides: {','.join(common)}"] if common else [])
-        + ([] if with_run else ["(run directory names left out: the terminal is too narrow)"])
-    ) or None
-    table = Table(title=f"Sweep report: {len(rows)} run(s), best eval loss first (losses in {LOSS_UNIT})",
-                  title_justify="left", caption=caption, caption_justify="left", box=box.SIMPLE_HEAD)
+    caption = (
+        "\n".join(
+            ([f"common overrides: {','.join(common)}"] if common else [])
+            + ([] if with_run else ["(run directory names left out: the terminal is too narrow)"])
+        )
+        or None
+    )
+    table = Table(
+        title=f"Sweep report: {len(rows)} run(s), best eval loss first (losses in {LOSS_UNIT})",
+        title_justify="left",
+        caption=caption,
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
     for c in cols:
         numeric = c not in ("run", "overrides", "status")
-        table.add_column(SHORT_HEADERS.get(c, HEADERS[c]), justify="right" if numeric else "left",
-                         no_wrap=numeric, overflow="fold")
+        table.add_column(
+            SHORT_HEADERS.get(c, HEADERS[c]), justify="right" if numeric else "left", no_wrap=numeric, overflow="fold"
+        )
     for row, other in zip(rows, varying):
         style = "red" if row["status"].startswith("failed") else ("yellow" if row["status"] == "running" else None)
         table.add_row(*(other if c == "overrides" else _fmt(c, row[c]) for c in cols), style=style)
@@ -286,6 +320,7 @@ def _varying(row: dict, common: list[str]) -> str:
 
 def _markdown(rows: list[dict]) -> str:
     """Markdown table; as on the terminal, overrides shared by all runs are listed once above it."""
+
     def cell(s: str) -> str:
         return s.replace("|", "\\|").replace("\n", " ")
 
@@ -296,8 +331,10 @@ def _markdown(rows: list[dict]) -> str:
         "| " + " | ".join(HEADERS[c] for c in COLUMNS) + " |",
         "| " + " | ".join("---:" if c in numeric else "---" for c in COLUMNS) + " |",
     ]
-    lines += ["| " + " | ".join(cell(_varying(r, common) if c == "overrides" else _fmt(c, r[c])) for c in COLUMNS) + " |"
-              for r in rows]
+    lines += [
+        "| " + " | ".join(cell(_varying(r, common) if c == "overrides" else _fmt(c, r[c])) for c in COLUMNS) + " |"
+        for r in rows
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -310,8 +347,12 @@ def write_report(sweep_dir: Path, rows: list[dict]) -> dict[str, Path]:
     sweep_dir = Path(sweep_dir)
     out = sweep_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out / "report.csv", "md": out / "report.md",
-             "loss_curves": out / "loss_curves.png", "heatmap": out / "heatmap.png"}
+    paths = {
+        "csv": out / "report.csv",
+        "md": out / "report.md",
+        "loss_curves": out / "loss_curves.png",
+        "heatmap": out / "heatmap.png",
+    }
 
     with paths["csv"].open("w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -349,8 +390,10 @@ def _labels(rows: list[dict]) -> dict[str, str]:
     counts: dict[str, int] = {}
     for v in base.values():
         counts[v] = counts.get(v, 0) + 1
-    return {r["run"]: base[r["run"]] + (f", {_varying(r, common) or r['run']}" if counts[base[r["run"]]] > 1 else "")
-            for r in rows}
+    return {
+        r["run"]: base[r["run"]] + (f", {_varying(r, common) or r['run']}" if counts[base[r["run"]]] > 1 else "")
+        for r in rows
+    }
 
 
 def _plot_loss_curves(plt: ModuleType, sweep_dir: Path, rows: list[dict], path: Path) -> None:
@@ -373,12 +416,27 @@ def _plot_loss_curves(plt: ModuleType, sweep_dir: Path, rows: list[dict], path: 
         failed = row["status"].startswith("failed")
         label = labels[row["run"]] + (" [failed]" if failed else " [running]" if row["status"] == "running" else "")
         if train:
-            ax.plot([t["step"] for t in train], [t["loss"] for t in train], color=color, lw=1.6,
-                    ls="--" if failed else "-", label=label)
+            ax.plot(
+                [t["step"] for t in train],
+                [t["loss"] for t in train],
+                color=color,
+                lw=1.6,
+                ls="--" if failed else "-",
+                label=label,
+            )
         if evals:
             has_eval = True
-            ax.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], ls="none", marker="o", ms=7,
-                    mfc=color, mec="black", mew=0.8, label=None if train else label)
+            ax.plot(
+                [e["step"] for e in evals],
+                [e["eval_loss"] for e in evals],
+                ls="none",
+                marker="o",
+                ms=7,
+                mfc=color,
+                mec="black",
+                mew=0.8,
+                label=None if train else label,
+            )
         drawn += 1
     if drawn == 0:
         ax.text(0.5, 0.5, "no metrics logged yet", ha="center", va="center", transform=ax.transAxes, fontsize=14)
@@ -392,8 +450,10 @@ def _plot_loss_curves(plt: ModuleType, sweep_dir: Path, rows: list[dict], path: 
         if has_eval:
             from matplotlib.lines import Line2D
 
-            handles += [Line2D([], [], ls="-", color="grey"),
-                        Line2D([], [], ls="none", marker="o", mfc="grey", mec="black", ms=7)]
+            handles += [
+                Line2D([], [], ls="-", color="grey"),
+                Line2D([], [], ls="none", marker="o", mfc="grey", mec="black", ms=7),
+            ]
             texts += ["train loss", "eval loss"]
         ax.legend(handles, texts, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, title="run", frameon=False)
     fig.savefig(path, dpi=120)
@@ -418,7 +478,15 @@ def _plot_heatmap(plt: ModuleType, sweep_dir: Path, rows: list[dict], path: Path
 
     if not scored:
         fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
-        ax.text(0.5, 0.5, "no finished run logged an eval loss", ha="center", va="center", fontsize=13, transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "no finished run logged an eval loss",
+            ha="center",
+            va="center",
+            fontsize=13,
+            transform=ax.transAxes,
+        )
         ax.set_axis_off()
         ax.set_title(title, fontsize=12)
     elif len(ranks) >= 2 and len(alphas) >= 2:
@@ -439,8 +507,16 @@ def _plot_heatmap(plt: ModuleType, sweep_dir: Path, rows: list[dict], path: Path
                 else:
                     # viridis_r: low losses are bright yellow, high ones dark purple.
                     dark = hi > lo and (v - lo) / (hi - lo) > 0.55
-                    ax.text(j, i, f"{v:.4f}", ha="center", va="center", fontsize=11,
-                            color="white" if dark else "black", fontweight="bold" if v == lo else "normal")
+                    ax.text(
+                        j,
+                        i,
+                        f"{v:.4f}",
+                        ha="center",
+                        va="center",
+                        fontsize=11,
+                        color="white" if dark else "black",
+                        fontweight="bold" if v == lo else "normal",
+                    )
         ax.set_xticks(range(len(alphas)), [_fmt("alpha", a) for a in alphas])
         ax.set_yticks(range(len(ranks)), [_fmt("r", r) for r in ranks])
         ax.set_xticks(np.arange(-0.5, len(alphas)), minor=True)

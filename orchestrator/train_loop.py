@@ -97,8 +97,9 @@ def setup(run: RunConfig) -> Job:
     model, optimizer = strategy.prepare(peft_model, lambda ps: build_optimizer(ps, run.optim, run.trainer.lr))
     model.train()
 
-    sampler = GlobalBatchSampler(len(train), run.trainer.micro_batch_size, run.trainer.grad_accum, d.world, d.rank,
-                                 run.trainer.seed)
+    sampler = GlobalBatchSampler(
+        len(train), run.trainer.micro_batch_size, run.trainer.grad_accum, d.world, d.rank, run.trainer.seed
+    )
     steps = total_steps(run, sampler)
     scheduler = build_scheduler(optimizer, run.optim, steps)
     start = ckpt.restore_state(resume_from, model, optimizer, scheduler) if resume_from is not None else 0
@@ -109,15 +110,40 @@ def setup(run: RunConfig) -> Job:
     log.info(
         "trainable params: %d of %d (%.3f%%) | strategy=%s workers=%d | base bytes per worker: %d (frozen) | "
         "%d train rows, %d eval rows, %d steps of %d sequences",
-        n_trainable, n_total, 100 * n_trainable / n_total, run.strategy.name, d.world, frozen_bytes,
-        len(train), len(evals), steps, sampler.global_batch,
+        n_trainable,
+        n_total,
+        100 * n_trainable / n_total,
+        run.strategy.name,
+        d.world,
+        frozen_bytes,
+        len(train),
+        len(evals),
+        steps,
+        sampler.global_batch,
     )
     tracker.summary({"trainable_params": n_trainable, "total_params": n_total, "param_bytes_per_worker": frozen_bytes})
     # Names only: says whether the submitting shell's credentials reached the workers.
-    log.info("credentials in the worker environment: %s",
-             ", ".join(k for k in run.cluster.secret_env if os.environ.get(k)) or "none")
-    return Job(run, d, tokenizer.pad_token_id, train, evals, sampler, strategy, model, optimizer, scheduler, ckpt,
-               tracker, steps, start, frozen_bytes)
+    log.info(
+        "credentials in the worker environment: %s",
+        ", ".join(k for k in run.cluster.secret_env if os.environ.get(k)) or "none",
+    )
+    return Job(
+        run,
+        d,
+        tokenizer.pad_token_id,
+        train,
+        evals,
+        sampler,
+        strategy,
+        model,
+        optimizer,
+        scheduler,
+        ckpt,
+        tracker,
+        steps,
+        start,
+        frozen_bytes,
+    )
 
 
 def run_steps(job: Job) -> bool:
@@ -131,7 +157,9 @@ def run_steps(job: Job) -> bool:
         n_seen = sum(len(job.train[i][0]) for i in global_rows)
         loss = torch.zeros((), device=d.device)
         for micro in job.sampler.step_indices(step):
-            result = job.model(**_batch([job.train[i] for i in micro], job.pad_id, d), num_items_in_batch=max(n_target, 1))
+            result = job.model(
+                **_batch([job.train[i] for i in micro], job.pad_id, d), num_items_in_batch=max(n_target, 1)
+            )
             job.strategy.backward(result.loss)
             loss += result.loss.detach().float()
         grad_norm = float(job.strategy.optimizer_step(job.optimizer, run.optim.max_grad_norm))
@@ -146,11 +174,19 @@ def run_steps(job: Job) -> bool:
         job.tracker.advance()
 
         if done % t.log_every == 0 or done == job.steps:
-            job.tracker.log(done, {
-                "loss": loss_val, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_seen / (time.perf_counter() - t0),
-                "target_tokens": n_target, "peak_memory_bytes": d.max(peak_memory_bytes(d.device)),
-                "param_bytes_per_worker": job.frozen_bytes, "epoch": step // job.sampler.steps_per_epoch,
-            })
+            job.tracker.log(
+                done,
+                {
+                    "loss": loss_val,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": n_seen / (time.perf_counter() - t0),
+                    "target_tokens": n_target,
+                    "peak_memory_bytes": d.max(peak_memory_bytes(d.device)),
+                    "param_bytes_per_worker": job.frozen_bytes,
+                    "epoch": step // job.sampler.steps_per_epoch,
+                },
+            )
         evaluated = {}
         if t.eval_every and done % t.eval_every == 0 and done != job.steps:
             evaluated = evaluate(job)
@@ -176,6 +212,7 @@ def finish(job: Job) -> None:
 
 # --- the pieces ---------------------------------------------------------------------------------
 
+
 def total_steps(run: RunConfig, sampler: GlobalBatchSampler) -> int:
     return run.trainer.max_steps if run.trainer.max_steps > 0 else run.trainer.epochs * sampler.steps_per_epoch
 
@@ -195,7 +232,9 @@ def check_step(step: int, loss: float, grad_norm: float) -> None:
             "the base weights are likely not gathered or dequantized correctly"
         )
     if not math.isfinite(grad_norm):
-        raise TrainingDiverged(f"step {step}: adapter grad norm is {grad_norm}; lower trainer.lr or optim.max_grad_norm")
+        raise TrainingDiverged(
+            f"step {step}: adapter grad norm is {grad_norm}; lower trainer.lr or optim.max_grad_norm"
+        )
 
 
 def evaluate(job: Job) -> dict[str, float]:

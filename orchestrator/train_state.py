@@ -111,7 +111,8 @@ class Checkpointer:
         missing, extra = sorted(set(self.expected) - set(saved)), sorted(set(saved) - set(self.expected))
         if missing or extra:
             raise adapters.AdapterIntegrityError(
-                f"{ckpt}: adapter keys do not match this run's adapter (missing {missing[:5]}, unexpected {extra[:5]})")
+                f"{ckpt}: adapter keys do not match this run's adapter (missing {missing[:5]}, unexpected {extra[:5]})"
+            )
         set_peft_model_state_dict(self.peft_model, saved)
 
     def restore_state(self, ckpt: Path, model: nn.Module, optimizer: Optimizer, scheduler: LRScheduler) -> int:
@@ -136,8 +137,9 @@ class Checkpointer:
         log.info("resuming from %s at step %d", ckpt, step)
         return step
 
-    def save_step(self, step: int, model: nn.Module, optimizer: Optimizer, scheduler: LRScheduler,
-                  eval_loss: float | None = None) -> None:
+    def save_step(
+        self, step: int, model: nn.Module, optimizer: Optimizer, scheduler: LRScheduler, eval_loss: float | None = None
+    ) -> None:
         """Commit checkpoints/step-<step> (adapter and training state), then prune old ones."""
         self._save(self.dir.step(step), step, model, (optimizer, scheduler, eval_loss))
         if self.d.is_main:
@@ -158,8 +160,9 @@ class Checkpointer:
         d.barrier()
         if d.is_main:
             adapter_dir = tmp / ADAPTER if state else tmp
-            adapters.save_adapter(self.peft_model, adapter_state, self.expected, adapter_dir,
-                                  manifest(self.run, step, self.base_fp))
+            adapters.save_adapter(
+                self.peft_model, adapter_state, self.expected, adapter_dir, manifest(self.run, step, self.base_fp)
+            )
         if state:
             self._save_state(tmp / STATE, step, model, *state)
         d.barrier()
@@ -167,19 +170,37 @@ class Checkpointer:
             checkpoint.publish(tmp, target)
         d.barrier()
 
-    def _save_state(self, state_dir: Path, step: int, model: nn.Module, optimizer: Optimizer, scheduler: LRScheduler,
-                    eval_loss: float | None) -> None:
+    def _save_state(
+        self,
+        state_dir: Path,
+        step: int,
+        model: nn.Module,
+        optimizer: Optimizer,
+        scheduler: LRScheduler,
+        eval_loss: float | None,
+    ) -> None:
         d = self.d
         state_dir.mkdir(parents=True, exist_ok=True)
         self.strategy.save_state(model, optimizer, state_dir)
-        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        rng = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
         torch.save(rng, state_dir / f"rng-{d.rank}.pt")
         if d.is_main:
             torch.save(scheduler.state_dict(), state_dir / "scheduler.pt")
-            (state_dir / TRAINER_STATE).write_text(json.dumps({
-                "step": step, "world_size": d.world, "strategy": self.run.strategy.name,
-                "global_batch": self.run.global_batch(), "eval_loss": eval_loss,
-            }) + "\n")
+            (state_dir / TRAINER_STATE).write_text(
+                json.dumps(
+                    {
+                        "step": step,
+                        "world_size": d.world,
+                        "strategy": self.run.strategy.name,
+                        "global_batch": self.run.global_batch(),
+                        "eval_loss": eval_loss,
+                    }
+                )
+                + "\n"
+            )
 
     def trim_metrics(self, step: int) -> None:
         """Drop metrics logged after `step` (by an attempt that died before its next checkpoint),

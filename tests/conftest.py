@@ -59,8 +59,14 @@ def ray_local():
 def cli(*args: str, cwd=None, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m orchestrator ARGS` as a user runs it (with `env` added to the environment),
     its output captured."""
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def wait_until(predicate, timeout: float, what: str, poll: float = 0.5) -> None:
@@ -103,8 +109,14 @@ def demo_run(demo_model, ray_local, tmp_path_factory) -> Path:
 
 
 # Equivalence runs: the same 10 steps and global batch under each strategy, compared with one process.
-EQUIVALENCE = ["trainer.max_steps=10", "adapter.dropout=0", "trainer.save_every=0", "optim=paged_adamw_32bit",
-               "data.eval_fraction=0.05", "strategy.param_persistence_threshold=0"]
+EQUIVALENCE = [
+    "trainer.max_steps=10",
+    "adapter.dropout=0",
+    "trainer.save_every=0",
+    "optim=paged_adamw_32bit",
+    "data.eval_fraction=0.05",
+    "strategy.param_persistence_threshold=0",
+]
 EQUIVALENCE_CASES = {
     "fp32": ["model.dtype=fp32", "quant=none"],
     "bf16": ["model.dtype=bf16", "quant=none"],
@@ -124,12 +136,16 @@ def equivalence_run(demo_model, ray_local, tmp_path_factory):
 
     def get(case: str, strategy: str) -> Path:
         if (case, strategy) not in done:
-            shape = (["cluster.num_workers=1", "trainer.micro_batch_size=8"] if strategy == "single"
-                     else ["cluster.num_workers=2", "trainer.micro_batch_size=4"])
+            shape = (
+                ["cluster.num_workers=1", "trainer.micro_batch_size=8"]
+                if strategy == "single"
+                else ["cluster.num_workers=2", "trainer.micro_batch_size=4"]
+            )
             if (case, strategy) == ("fp32-nf4", "fsdp"):
                 shape.append("model.gradient_checkpointing=true")
-            done[case, strategy] = train(root / f"{case}-{strategy}", *EQUIVALENCE, *EQUIVALENCE_CASES[case],
-                                         f"strategy={strategy}", *shape)
+            done[case, strategy] = train(
+                root / f"{case}-{strategy}", *EQUIVALENCE, *EQUIVALENCE_CASES[case], f"strategy={strategy}", *shape
+            )
         return done[case, strategy]
 
     return get

@@ -20,8 +20,17 @@ from pathlib import Path
 
 import psutil
 
-PORT_FLAGS = ("--port", "--node-manager-port", "--object-manager-port", "--dashboard-port", "--dashboard-agent-listen-port",
-              "--dashboard-agent-grpc-port", "--ray-client-server-port", "--metrics-export-port", "--runtime-env-agent-port")
+PORT_FLAGS = (
+    "--port",
+    "--node-manager-port",
+    "--object-manager-port",
+    "--dashboard-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--ray-client-server-port",
+    "--metrics-export-port",
+    "--runtime-env-agent-port",
+)
 
 
 def free_ports(n: int) -> list[int]:
@@ -57,9 +66,20 @@ def ray_head(num_cpus: int = 2, timeout: float = 120):
     temp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths have a length limit
     ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
     ray = Path(sys.executable).with_name("ray")
-    cmd = [str(ray), "start", "--head", "--block", f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=true",
-           "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats",
-           *(f"{k}={v}" for k, v in ports.items())]
+    cmd = [
+        str(ray),
+        "start",
+        "--head",
+        "--block",
+        f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        "--node-ip-address=127.0.0.1",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+        *(f"{k}={v}" for k, v in ports.items()),
+    ]
     log = (temp / "head.log").open("w")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)

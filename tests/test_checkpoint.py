@@ -44,9 +44,11 @@ def test_keep_best_spares_the_lowest_eval_loss(tmp_path):
 
     losses = {1: 3.0, 2: 1.5, 3: 2.0, 4: None, 5: 2.5}
     for n, loss in losses.items():
+
         def write(t, loss=loss, n=n):
             (t / "state").mkdir()
             (t / "state" / "trainer_state.json").write_text(json.dumps({"step": n, "eval_loss": loss}))
+
         checkpoint.commit(tmp_path / f"step-{n}", write)
     checkpoint.prune(tmp_path, keep_last=2, keep_best=True)
     assert [n for n, _ in checkpoint.step_checkpoints(tmp_path)] == [2, 4, 5]

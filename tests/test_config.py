@@ -9,20 +9,29 @@ from dataclasses import fields
 from typing import get_type_hints
 
 import pytest
-
 from conftest import cli
+
 from orchestrator.config import CONF_DIR, ConfigError, RunConfig, TrainerConfig, as_dict, compose, validate
 from orchestrator.config.compose import check_group_overrides, group_options
 from orchestrator.config.schema import flatten
-from orchestrator.train_loop import check_step, TrainingDiverged
+from orchestrator.train_loop import TrainingDiverged, check_step
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 # Llama-3-8B's architecture, enough for the model-aware checks (they never read weights).
 LLAMA3_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
-    "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "torch_dtype": "bfloat16",
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "torch_dtype": "bfloat16",
 }
 
 
@@ -46,8 +55,9 @@ def test_realistic_8b_experiment_fails_only_on_missing_gpus(tmp_path, demo_model
         shutil.copy(f, model)
     data = tmp_path / "chat.jsonl"
     data.write_text(demo.DEMO_CHAT_DATA.read_text() * 4)  # 256 rows: two global batches of 128
-    run = compose(["experiment=llama3_8b_qlora", f"output_dir={tmp_path / 'out'}", f"model.path={model}",
-                   f"data.path={data}"])
+    run = compose(
+        ["experiment=llama3_8b_qlora", f"output_dir={tmp_path / 'out'}", f"model.path={model}", f"data.path={data}"]
+    )
     assert run.global_batch() == 2 * 8 * 8 and run.model.gradient_checkpointing
     with pytest.raises(ConfigError) as e:
         validate(run)
@@ -61,18 +71,29 @@ def test_all_problems_in_one_error(tmp_path, demo_model):
     assert "quant=nf5: no such option; valid: nf4, none" in msg
     assert "adapter.rank: unknown field" in msg and "trainer.lr: expected a number, got 'fast'" in msg
 
-    run = compose(["experiment=demo", f"output_dir={tmp_path}", "adapter.r=0", "data.path=/nonexistent.jsonl",
-                   "cluster.num_workers=64", "data.max_seq_len=100000", "adapter.target_modules=[q_proj,qkv_proj]",
-                   "strategy=single"])
+    run = compose(
+        [
+            "experiment=demo",
+            f"output_dir={tmp_path}",
+            "adapter.r=0",
+            "data.path=/nonexistent.jsonl",
+            "cluster.num_workers=64",
+            "data.max_seq_len=100000",
+            "adapter.target_modules=[q_proj,qkv_proj]",
+            "strategy=single",
+        ]
+    )
     with pytest.raises(ConfigError) as e:
         validate(run)
     problems = "\n".join(e.value.problems)
-    for expected in ("adapter.r: must be a positive integer, got 0",
-                     "data.path: /nonexistent.jsonl: no such file",
-                     "cluster.num_workers=64",
-                     "data.max_seq_len: 100000 exceeds the model's context",
-                     "adapter.target_modules: qkv_proj match no module of llama",
-                     "strategy=single runs one process but cluster.num_workers=64"):
+    for expected in (
+        "adapter.r: must be a positive integer, got 0",
+        "data.path: /nonexistent.jsonl: no such file",
+        "cluster.num_workers=64",
+        "data.max_seq_len: 100000 exceeds the model's context",
+        "adapter.target_modules: qkv_proj match no module of llama",
+        "strategy=single runs one process but cluster.num_workers=64",
+    ):
         assert expected in problems, problems
 
 
@@ -118,15 +139,33 @@ def test_structured_config_keeps_every_field_and_default():
 
 
 def test_override_values_are_checked_before_composition():
-    usable, problems = check_group_overrides([
-        "trainer.lr=fast", "trainer.lr=${optim.eps}", "adapter.r=4,8", "adapter.r=choice(4, x)",
-        "trainer.lr=tag(log, interval(1e-4, 1e-2))", "quant.storage_dtype=null", "trainer.max_steps=null",
-        "adapter.target_modules=[q_proj,v_proj]", "optim.betas=[0.9,fast]", "cluster.env.OMP_NUM_THREADS=4",
-        "cluster.resources_per_worker={a: 1}", "model.dtype=fp8", "name=2024", "~trainer.lr", "cluster.env.FOO.BAR=1",
-    ])
+    usable, problems = check_group_overrides(
+        [
+            "trainer.lr=fast",
+            "trainer.lr=${optim.eps}",
+            "adapter.r=4,8",
+            "adapter.r=choice(4, x)",
+            "trainer.lr=tag(log, interval(1e-4, 1e-2))",
+            "quant.storage_dtype=null",
+            "trainer.max_steps=null",
+            "adapter.target_modules=[q_proj,v_proj]",
+            "optim.betas=[0.9,fast]",
+            "cluster.env.OMP_NUM_THREADS=4",
+            "cluster.resources_per_worker={a: 1}",
+            "model.dtype=fp8",
+            "name=2024",
+            "~trainer.lr",
+            "cluster.env.FOO.BAR=1",
+        ]
+    )
     assert usable == [
-        "trainer.lr=${optim.eps}", "adapter.r=4,8", "trainer.lr=tag(log, interval(1e-4, 1e-2))", "quant.storage_dtype=null",
-        "adapter.target_modules=[q_proj,v_proj]", "++cluster.env.OMP_NUM_THREADS=4", "++cluster.resources_per_worker={a: 1}",
+        "trainer.lr=${optim.eps}",
+        "adapter.r=4,8",
+        "trainer.lr=tag(log, interval(1e-4, 1e-2))",
+        "quant.storage_dtype=null",
+        "adapter.target_modules=[q_proj,v_proj]",
+        "++cluster.env.OMP_NUM_THREADS=4",
+        "++cluster.resources_per_worker={a: 1}",
         "name=2024",
     ]
     assert problems == [
@@ -162,13 +201,20 @@ def test_user_config_dir_adds_options(tmp_path, demo_root):
     assert "mine" in group_options([mine])["experiment"] and "mine" not in group_options()["experiment"]
     _, problems = check_group_overrides(["experiment=mine"])
     assert problems == ["experiment=mine: no such option; valid: " + ", ".join(group_options()["experiment"])]
-    assert check_group_overrides(["experiment=mine", "data=mydata"], config_dirs=[mine]) == (["experiment=mine", "data=mydata"], [])
+    assert check_group_overrides(["experiment=mine", "data=mydata"], config_dirs=[mine]) == (
+        ["experiment=mine", "data=mydata"],
+        [],
+    )
 
-    run = compose(["experiment=mine", "data=mydata", f"output_dir={tmp_path / 'out'}", "adapter.r=8"], config_dirs=[mine])
+    run = compose(
+        ["experiment=mine", "data=mydata", f"output_dir={tmp_path / 'out'}", "adapter.r=8"], config_dirs=[mine]
+    )
     assert run.name == "mine" and run.strategy.name == "zero2" and run.adapter.kind == "dora" and run.adapter.r == 8
     assert run.trainer.max_steps == 5 and run.trainer.lr == 1e-3 and run.tracking.backend == "none"
     assert run.data.path == "/data/mine.jsonl" and run.data.format == "chat"
-    assert run.model.dtype == "fp32" and run.trainer.micro_batch_size == TrainerConfig().micro_batch_size  # the rest: defaults
+    assert (
+        run.model.dtype == "fp32" and run.trainer.micro_batch_size == TrainerConfig().micro_batch_size
+    )  # the rest: defaults
     validate(run, environment=False)
 
     with pytest.raises(ConfigError) as e:
@@ -187,7 +233,11 @@ def test_user_config_dir_adds_options(tmp_path, demo_root):
 
 def test_check_step_stops_silent_failures():
     check_step(1, 2.5, 0.3)
-    for loss, norm, words in ((0.0, 1.0, "exactly 0"), (float("nan"), 1.0, "loss is nan"), (1.0, float("inf"), "grad norm is inf")):
+    for loss, norm, words in (
+        (0.0, 1.0, "exactly 0"),
+        (float("nan"), 1.0, "loss is nan"),
+        (1.0, float("inf"), "grad norm is inf"),
+    ):
         with pytest.raises(TrainingDiverged, match=words):
             check_step(7, loss, norm)
 

@@ -12,14 +12,17 @@ def _write(path, lines):
 
 
 def test_bad_rows_are_reported_with_file_and_line(tmp_path):
-    f = _write(tmp_path / "d.jsonl", [
-        json.dumps({"instruction": "a", "output": "b"}),
-        "{not json",
-        json.dumps({"instruction": "a"}),
-        json.dumps({"instruction": "a", "output": 3}),
-        json.dumps({"instruction": "a", "output": "  "}),
-        json.dumps(["a list"]),
-    ])
+    f = _write(
+        tmp_path / "d.jsonl",
+        [
+            json.dumps({"instruction": "a", "output": "b"}),
+            "{not json",
+            json.dumps({"instruction": "a"}),
+            json.dumps({"instruction": "a", "output": 3}),
+            json.dumps({"instruction": "a", "output": "  "}),
+            json.dumps(["a list"]),
+        ],
+    )
     with pytest.raises(DataError) as e:
         read_rows(f, "alpaca")
     msg = str(e.value)
@@ -32,15 +35,22 @@ def test_bad_rows_are_reported_with_file_and_line(tmp_path):
 
 
 def test_bad_chat_rows(tmp_path):
-    f = _write(tmp_path / "c.jsonl", [
-        json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
-        json.dumps({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}),
-        json.dumps({"text": "x"}),
-    ])
+    f = _write(
+        tmp_path / "c.jsonl",
+        [
+            json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+            json.dumps({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}),
+            json.dumps({"text": "x"}),
+        ],
+    )
     with pytest.raises(DataError) as e:
         read_rows(f, "chat")
     msg = str(e.value)
-    assert ":1: no assistant message" in msg and ":2: messages[0].role 'robot'" in msg and ":3: missing field 'messages'" in msg
+    assert (
+        ":1: no assistant message" in msg
+        and ":2: messages[0].role 'robot'" in msg
+        and ":3: missing field 'messages'" in msg
+    )
 
 
 def test_alpaca_masks_the_prompt(demo_model):
@@ -64,13 +74,15 @@ def test_chat_labels_only_assistant_turns(demo_model):
     from orchestrator.model import load_tokenizer
 
     tok = load_tokenizer(ModelConfig(path=str(demo_model)))
-    row = {"messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "first question"},
-        {"role": "assistant", "content": "ANSWER ONE"},
-        {"role": "user", "content": "second question"},
-        {"role": "assistant", "content": "ANSWER TWO"},
-    ]}
+    row = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": "ANSWER ONE"},
+            {"role": "user", "content": "second question"},
+            {"role": "assistant", "content": "ANSWER TWO"},
+        ]
+    }
     [(ids, labels)] = encode_rows([row], "chat", tok, 512)
     learned = tok.decode([t for t in labels if t != IGNORE_INDEX])
     assert "ANSWER ONE" in learned and "ANSWER TWO" in learned

@@ -4,7 +4,6 @@ as FSDP: one override switches the strategy and the training stays the same."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import read_metrics, train_losses
 from test_train import plain_peft_eval_loss
 
@@ -23,7 +22,10 @@ TOLERANCE = {"bf16": 2e-3, "fp32-nf4": 1e-6}
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])
 def test_loss_curves_agree_with_single_process(equivalence_run, case, strategy):
     ref, out = equivalence_run(case, "single"), equivalence_run(case, strategy)
-    assert train_losses(out) == pytest.approx(train_losses(ref), rel=TOLERANCE[case]), (train_losses(ref), train_losses(out))
+    assert train_losses(out) == pytest.approx(train_losses(ref), rel=TOLERANCE[case]), (
+        train_losses(ref),
+        train_losses(out),
+    )
     base_single = read_metrics(ref)[0]["param_bytes_per_worker"]
     base_here = read_metrics(out)[0]["param_bytes_per_worker"]
     if strategy == "zero3":
@@ -40,8 +42,14 @@ def test_zero_adapters_load_in_plain_peft(equivalence_run, strategy):
 
 
 def test_zero3_offload_trains_on_cpu(train_run):
-    out = train_run("strategy=zero3_offload", "quant=none", "trainer.max_steps=6", "trainer.save_every=0",
-                    "optim=paged_adamw_32bit", name="offload")
+    out = train_run(
+        "strategy=zero3_offload",
+        "quant=none",
+        "trainer.max_steps=6",
+        "trainer.save_every=0",
+        "optim=paged_adamw_32bit",
+        name="offload",
+    )
     losses = train_losses(out)
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()

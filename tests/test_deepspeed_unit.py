@@ -49,7 +49,11 @@ def test_zero3_and_offload_sections():
     assert z3["stage"] == 3 and z3["stage3_prefetch_bucket_size"] == 7 and z3["stage3_param_persistence_threshold"] == 0
     assert "offload_param" not in z3 and "allgather_bucket_size" not in z3
     off = ds("zero3_offload", offload=True)["zero_optimization"]
-    assert off["stage"] == 3 and off["offload_optimizer"] == {"device": "cpu"} and off["offload_param"] == {"device": "cpu"}
+    assert (
+        off["stage"] == 3
+        and off["offload_optimizer"] == {"device": "cpu"}
+        and off["offload_param"] == {"device": "cpu"}
+    )
     z2off = ds("zero2", offload=True)["zero_optimization"]
     assert z2off["offload_optimizer"] == {"device": "cpu"} and "offload_param" not in z2off
 
@@ -61,12 +65,16 @@ def test_not_a_deepspeed_strategy():
 
 def test_user_json_merges_where_it_does_not_conflict(tmp_path):
     user = tmp_path / "ds.json"
-    user.write_text(json.dumps({
-        "zero_optimization": {"overlap_comm": True, "stage": 2},  # same stage: fine
-        "gradient_clipping": 1,  # 1 == 1.0
-        "communication_data_type": "fp32",
-        "bf16": {"enabled": True},
-    }))
+    user.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"overlap_comm": True, "stage": 2},  # same stage: fine
+                "gradient_clipping": 1,  # 1 == 1.0
+                "communication_data_type": "fp32",
+                "bf16": {"enabled": True},
+            }
+        )
+    )
     c = ds("zero2", ds_config=str(user))
     assert c["zero_optimization"]["overlap_comm"] is True
     assert c["zero_optimization"]["stage"] == 2
@@ -76,11 +84,15 @@ def test_user_json_merges_where_it_does_not_conflict(tmp_path):
 
 def test_user_json_conflicts_name_every_key_and_both_values(tmp_path):
     user = tmp_path / "ds.json"
-    user.write_text(json.dumps({
-        "train_micro_batch_size_per_gpu": 8,
-        "gradient_clipping": 0.5,
-        "zero_optimization": {"stage": 3},
-    }))
+    user.write_text(
+        json.dumps(
+            {
+                "train_micro_batch_size_per_gpu": 8,
+                "gradient_clipping": 0.5,
+                "zero_optimization": {"stage": 3},
+            }
+        )
+    )
     with pytest.raises(DeepSpeedConfigConflict) as e:
         ds("zero2", ds_config=str(user))
     msg = str(e.value)

@@ -48,7 +48,11 @@ def test_ensure_builds_a_loadable_model_and_tokenizer(built, tok):
     cfg = AutoConfig.from_pretrained(built)
     assert cfg.model_type == "llama" and not cfg.tie_word_embeddings
     assert cfg.vocab_size == len(tok)
-    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (
+        tok.bos_token_id,
+        tok.eos_token_id,
+        tok.pad_token_id,
+    )
     assert len({tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}) == 3
     assert tok("hi")["input_ids"][0] == tok.bos_token_id  # the alpaca encoder relies on BOS being added
     logits = _forward(built, tok)
@@ -118,7 +122,7 @@ def test_chat_template_is_prefix_consistent_at_token_level(tok):
             assert upto.endswith(tok.eos_token)
             p, u = ids(prompt), ids(upto)
             assert u[: len(p)] == p, (prompt, upto)
-            assert tok.decode(u[len(p):], skip_special_tokens=True).strip() == m["content"]
+            assert tok.decode(u[len(p) :], skip_special_tokens=True).strip() == m["content"]
             n_turns += 1
     assert n_turns > len(_rows(demo.DEMO_CHAT_DATA))  # some rows have two assistant turns
 
@@ -129,8 +133,10 @@ def test_demo_rows_fit_in_128_tokens(tok):
     lengths = [len(tok(ALPACA.format(**r))["input_ids"]) + 1 for r in alpaca]  # +1: EOS
     chat = _rows(demo.DEMO_CHAT_DATA)
     assert len(chat) == 64 and any(r["messages"][0]["role"] == "system" for r in chat)
-    lengths += [len(tok(tok.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)["input_ids"])
-                for r in chat]
+    lengths += [
+        len(tok(tok.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)["input_ids"])
+        for r in chat
+    ]
     assert max(lengths) <= MAX_LEN, max(lengths)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import read_metrics, train_losses
 
 pytestmark = pytest.mark.gpu
@@ -14,7 +13,14 @@ GPU = ["cluster.use_gpu=true", "model.dtype=bf16", "trainer.save_every=0"]
 
 @pytest.mark.parametrize("strategy", ["single", "fsdp", "zero2", "zero3"])
 def test_qlora_trains_on_cuda(train_run, strategy):
-    out = train_run(*GPU, "trainer.max_steps=20", f"strategy={strategy}", "cluster.num_workers=1", "trainer.micro_batch_size=8", name=strategy)
+    out = train_run(
+        *GPU,
+        "trainer.max_steps=20",
+        f"strategy={strategy}",
+        "cluster.num_workers=1",
+        "trainer.micro_batch_size=8",
+        name=strategy,
+    )
     losses = train_losses(out)
     assert len(losses) == 20 and sum(losses[-5:]) < 0.8 * sum(losses[:5])
     peak = read_metrics(out)[0]["peak_memory_bytes"]

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
 import torch
+from conftest import cli
 from transformers import AutoModelForCausalLM
 
-from conftest import cli
 from orchestrator.config import ModelConfig, QuantConfig
 from orchestrator.model import load_base
 

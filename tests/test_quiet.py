@@ -21,10 +21,19 @@ def run_demo(tmp_path: Path, demo_root: Path, verbose: bool):
     private one (short: Ray's socket paths live under it)."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="rq", dir="/tmp"))
     try:
-        proc = cli("train", "experiment=demo", "trainer.max_steps=6", "trainer.save_every=3",
-                   f"output_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'h'}",
-                   env={"ORCHESTRATOR_DEMO_DIR": str(demo_root), "ORCHESTRATOR_VERBOSE": "1" if verbose else "0",
-                        "RAY_TMPDIR": str(ray_tmp)})
+        proc = cli(
+            "train",
+            "experiment=demo",
+            "trainer.max_steps=6",
+            "trainer.save_every=3",
+            f"output_dir={tmp_path / 'out'}",
+            f"hydra.run.dir={tmp_path / 'h'}",
+            env={
+                "ORCHESTRATOR_DEMO_DIR": str(demo_root),
+                "ORCHESTRATOR_VERBOSE": "1" if verbose else "0",
+                "RAY_TMPDIR": str(ray_tmp),
+            },
+        )
         ray_driver_log = "".join(p.read_text() for p in ray_tmp.glob("ray/session_*/logs/ray-python-driver-*.log"))
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)

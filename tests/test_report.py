@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import cli
+
 from orchestrator import report
 
 HIDDEN, LAYERS, MODULES = 64, 2, ("q_proj", "v_proj")
@@ -20,19 +20,38 @@ COMMON = ["experiment=demo", "tracking=none", f"trainer.max_steps={STEPS}"]
 
 def _config(run_dir: Path, r: int, alpha: int) -> dict:
     return {
-        "model": {"path": "/data/models/tiny-llama", "dtype": "bf16", "gradient_checkpointing": False,
-                  "trust_remote_code": False, "attn_implementation": "sdpa"},
+        "model": {
+            "path": "/data/models/tiny-llama",
+            "dtype": "bf16",
+            "gradient_checkpointing": False,
+            "trust_remote_code": False,
+            "attn_implementation": "sdpa",
+        },
         "quant": {"kind": "nf4", "double_quant": True, "storage_dtype": None},
-        "adapter": {"kind": "lora", "r": r, "alpha": float(alpha), "dropout": 0.05,
-                    "target_modules": list(MODULES), "init_seed": 0},
+        "adapter": {
+            "kind": "lora",
+            "r": r,
+            "alpha": float(alpha),
+            "dropout": 0.05,
+            "target_modules": list(MODULES),
+            "init_seed": 0,
+        },
         "strategy": {"name": "fsdp", "reshard_after_forward": True},
         "optim": {"name": "paged_adamw_8bit", "lr": 2e-4, "weight_decay": 0.0, "warmup_steps": 2, "max_grad_norm": 1.0},
         "data": {"name": "demo", "eval_fraction": 0.1, "max_length": 256},
-        "trainer": {"max_steps": STEPS, "micro_batch_size": 4, "grad_accum": 1, "log_every": LOG_EVERY,
-                    "eval_every": EVAL_EVERY, "save_every": 0},
+        "trainer": {
+            "max_steps": STEPS,
+            "micro_batch_size": 4,
+            "grad_accum": 1,
+            "log_every": LOG_EVERY,
+            "eval_every": EVAL_EVERY,
+            "save_every": 0,
+        },
         "cluster": {"address": None, "num_workers": 2, "use_gpu": True},
         "tracking": {"mode": "none", "project": "orchestrator", "group": None, "name": None},
-        "output_dir": str(run_dir), "name": None, "resume": "auto",
+        "output_dir": str(run_dir),
+        "name": None,
+        "resume": "auto",
     }
 
 
@@ -41,13 +60,22 @@ def _metrics(r: int, alpha: int, last_step: int = STEPS) -> list[dict]:
     depends on r and alpha so that the runs order r=8,alpha=16 < r=4,alpha=16 < r=8,alpha=8 < r=4,alpha=8."""
     rows, offset = [], 0.4 / r + 1.0 / alpha
     for step in range(LOG_EVERY, last_step + 1, LOG_EVERY):
-        rows.append({"step": step, "loss": 3.0 - 0.05 * step + offset, "lr": 2e-4 * (1 - step / STEPS), "grad_norm": 0.8,
-                     "tokens_per_s": 1000.0 + 37.0 * step + 10 * r + (500.0 if step == LOG_EVERY else 0.0),
-                     "target_tokens": 512.0, "peak_memory_bytes": float((300 + 3 * step + r) * 2**20 + 12345),
-                     "param_bytes_per_worker": 2.5e7, "epoch": 0.0})
+        rows.append(
+            {
+                "step": step,
+                "loss": 3.0 - 0.05 * step + offset,
+                "lr": 2e-4 * (1 - step / STEPS),
+                "grad_norm": 0.8,
+                "tokens_per_s": 1000.0 + 37.0 * step + 10 * r + (500.0 if step == LOG_EVERY else 0.0),
+                "target_tokens": 512.0,
+                "peak_memory_bytes": float((300 + 3 * step + r) * 2**20 + 12345),
+                "param_bytes_per_worker": 2.5e7,
+                "epoch": 0.0,
+            }
+        )
         if step % EVAL_EVERY == 0:
             eval_loss = 2.5 + offset + (0.05 if step == STEPS else 0.0)  # overfits after step 10: best != final
-            rows.append({"step": step, "eval_loss": eval_loss, "eval_ppl": 2.718281828 ** eval_loss})
+            rows.append({"step": step, "eval_loss": eval_loss, "eval_ppl": 2.718281828**eval_loss})
     return rows
 
 
@@ -55,16 +83,23 @@ def _write_run(sweep: Path, r: int, alpha: int, failed_at: int | None = None) ->
     import torch
     from safetensors.torch import save_file
 
-    run_dir = sweep / ",".join(sorted([f"adapter.alpha={alpha}", f"adapter.r={r}", *COMMON]))  # Hydra's override_dirname
+    run_dir = sweep / ",".join(
+        sorted([f"adapter.alpha={alpha}", f"adapter.r={r}", *COMMON])
+    )  # Hydra's override_dirname
     (run_dir / ".hydra").mkdir(parents=True)
-    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*COMMON[:1], f"adapter.r={r}", f"adapter.alpha={alpha}", *COMMON[1:]]))
+    (run_dir / ".hydra" / "overrides.yaml").write_text(
+        yaml.safe_dump([*COMMON[:1], f"adapter.r={r}", f"adapter.alpha={alpha}", *COMMON[1:]])
+    )
     (run_dir / "config.yaml").write_text(yaml.safe_dump(_config(run_dir, r, alpha), sort_keys=False))
     rows = _metrics(r, alpha, failed_at or STEPS)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
     log = [f"[2026-11-23 09:13:4{i}][orchestrator][INFO] - step {x['step']}" for i, x in enumerate(rows[:3])]
     if failed_at:
-        log += [f"[2026-11-23 09:14:02][orchestrator][ERROR] - error: training failed on the workers: loss is nan at step {failed_at + 2}",
-                "Traceback (most recent call last):", "  ..."]
+        log += [
+            f"[2026-11-23 09:14:02][orchestrator][ERROR] - error: training failed on the workers: loss is nan at step {failed_at + 2}",
+            "Traceback (most recent call last):",
+            "  ...",
+        ]
         with (run_dir / "metrics.jsonl").open("a") as f:
             f.write('{"step": 15, "loss": 2.')  # killed mid-line
     else:
@@ -78,7 +113,9 @@ def _write_run(sweep: Path, r: int, alpha: int, failed_at: int | None = None) ->
                 tensors[f"{prefix}.lora_B.weight"] = torch.zeros(HIDDEN, r, dtype=torch.bfloat16)
         save_file(tensors, adapter / "adapter_model.safetensors")
         (adapter / "adapter_config.json").write_text(json.dumps({"r": r, "lora_alpha": alpha, "peft_type": "LORA"}))
-        (adapter / "manifest.json").write_text(json.dumps({"step": STEPS, "base_model_path": "/data/models/tiny-llama"}))
+        (adapter / "manifest.json").write_text(
+            json.dumps({"step": STEPS, "base_model_path": "/data/models/tiny-llama"})
+        )
         (adapter / "COMMITTED").write_text("")
     (run_dir / "train.log").write_text("\n".join(log) + "\n")
     return run_dir
@@ -143,9 +180,13 @@ def test_run_that_failed_before_writing_its_config(tmp_path):
     _write_run(sweep, 4, 8)
     bad = sweep / "adapter.alpha=8,adapter.r=0,experiment=demo"
     (bad / ".hydra").mkdir(parents=True)
-    (bad / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["experiment=demo", "adapter.r=0", "adapter.alpha=8", "output_dir=/x"]))
-    (bad / "train.log").write_text("[2026-11-23 09:13:42,001][orchestrator][ERROR] - error: invalid configuration (1 problem):\n"
-                                   "  - adapter.r: must be a positive integer, got 0\n")
+    (bad / ".hydra" / "overrides.yaml").write_text(
+        yaml.safe_dump(["experiment=demo", "adapter.r=0", "adapter.alpha=8", "output_dir=/x"])
+    )
+    (bad / "train.log").write_text(
+        "[2026-11-23 09:13:42,001][orchestrator][ERROR] - error: invalid configuration (1 problem):\n"
+        "  - adapter.r: must be a positive integer, got 0\n"
+    )
     rows = report.collect(sweep)
     assert [x["run"] for x in rows] == [rows[0]["run"], bad.name]
     failed = rows[-1]

@@ -14,9 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import cli, read_metrics, train
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +25,12 @@ COMMON = ["experiment=demo", "tracking=none", "data.eval_fraction=0"]
 def start(out: Path, *overrides: str) -> subprocess.Popen:
     """`orchestrator train` in its own session, so that the test can kill all of it."""
     log = open(out.parent / f"{out.name}.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "orchestrator", "train", *COMMON, f"output_dir={out}", *overrides],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "train", *COMMON, f"output_dir={out}", *overrides],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def finish(proc: subprocess.Popen, out: Path) -> None:
@@ -75,8 +78,13 @@ def steps_logged(out: Path) -> list[int]:
 @pytest.mark.parametrize("strategy,dropout", [("fsdp", 0.0), ("zero3", 0.1)])
 def test_killed_run_resumes_to_the_same_adapter(tmp_path, demo_model, ray_local, strategy, dropout):
     # 20 steps, the kill lands right after step 5 is committed: long before the run could end.
-    extra = [f"strategy={strategy}", "optim=paged_adamw_32bit", f"adapter.dropout={dropout}",
-             "trainer.max_steps=20", "trainer.save_every=5"]
+    extra = [
+        f"strategy={strategy}",
+        "optim=paged_adamw_32bit",
+        f"adapter.dropout={dropout}",
+        "trainer.max_steps=20",
+        "trainer.save_every=5",
+    ]
     train(tmp_path / "whole", "data.eval_fraction=0", *extra)  # the reference, uninterrupted, on the session's Ray
 
     out = tmp_path / "killed"
@@ -104,10 +112,19 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, demo_model, ray_local,
 
     if strategy == "fsdp":
         # The same checkpoint resumed on 1 worker (micro batch doubled: same global batch).
-        one = train(tmp_path / "one-worker", "data.eval_fraction=0", *extra, f"resume={out / 'checkpoints' / 'step-5'}",
-                    "cluster.num_workers=1", "strategy=single", "trainer.micro_batch_size=8")
+        one = train(
+            tmp_path / "one-worker",
+            "data.eval_fraction=0",
+            *extra,
+            f"resume={out / 'checkpoints' / 'step-5'}",
+            "cluster.num_workers=1",
+            "strategy=single",
+            "trainer.micro_batch_size=8",
+        )
         # ...and the reverse: that 1-worker run's step-10 checkpoint resumed on 2 workers.
-        two = train(tmp_path / "two-workers", "data.eval_fraction=0", *extra, f"resume={one / 'checkpoints' / 'step-10'}")
+        two = train(
+            tmp_path / "two-workers", "data.eval_fraction=0", *extra, f"resume={one / 'checkpoints' / 'step-10'}"
+        )
         for resharded in (adapter(one), adapter(two)):
             for k in a:  # one process sums the batch in another order: equal to rounding
                 torch.testing.assert_close(resharded[k], a[k], rtol=1e-5, atol=1e-7)
@@ -125,7 +142,9 @@ def test_worker_killed_mid_run_is_restarted_from_checkpoint(tmp_path, demo_root)
     out = tmp_path / "crash"
     proc = start(out, "trainer.max_steps=12", "trainer.save_every=3", "cluster.max_failures=1")
     wait_for(out / "checkpoints" / "step-3" / "COMMITTED", proc)
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
+    workers = [
+        p for p in psutil.Process(proc.pid).children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())
+    ]
     assert workers, "no Ray Train worker process found"
     workers[-1].send_signal(signal.SIGKILL)
     finish(proc, out)

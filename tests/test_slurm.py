@@ -11,14 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import cli, read_metrics, wait_until
 from safetensors.torch import load_file
 
-from conftest import cli, read_metrics, wait_until
 from orchestrator.packaged import packaged
 
 GOLDEN = Path(__file__).parent / "golden"
 SECRET = "hf-fake-token-93b1c0ffee"
-
 
 
 def hq(value: str) -> str:
@@ -31,21 +30,36 @@ FIXED = ["model.path=/models/llama-3-8b", "data.path=/data/train.jsonl", "cluste
 CASES = {
     "one_node": ["storage_path=/shared/runs", "name=demo"],
     "two_nodes_gpu": [
-        "storage_path=/shared/runs", "name=sweep/r16", "cluster.num_workers=8", "cluster.use_gpu=true", "cluster.cpus_per_worker=8",
-        "cluster.slurm.nodes=2", "cluster.slurm.gpus_per_node=4", "cluster.slurm.mem=400G", "cluster.slurm.time=2-00:00:00",
-        "cluster.slurm.partition=gpu", "cluster.slurm.account=proj-42", "cluster.slurm.qos=high", "cluster.slurm.constraint=h100",
-        "cluster.slurm.extra_sbatch=[--exclusive,'--reservation=maint window']", "cluster.env.NCCL_DEBUG=WARN",
-        "cluster.slurm.setup=[module load cuda/12.4,source /opt/venv/bin/activate]", "cluster.slurm.signal_grace_s=600",
+        "storage_path=/shared/runs",
+        "name=sweep/r16",
+        "cluster.num_workers=8",
+        "cluster.use_gpu=true",
+        "cluster.cpus_per_worker=8",
+        "cluster.slurm.nodes=2",
+        "cluster.slurm.gpus_per_node=4",
+        "cluster.slurm.mem=400G",
+        "cluster.slurm.time=2-00:00:00",
+        "cluster.slurm.partition=gpu",
+        "cluster.slurm.account=proj-42",
+        "cluster.slurm.qos=high",
+        "cluster.slurm.constraint=h100",
+        "cluster.slurm.extra_sbatch=[--exclusive,'--reservation=maint window']",
+        "cluster.env.NCCL_DEBUG=WARN",
+        "cluster.slurm.setup=[module load cuda/12.4,source /opt/venv/bin/activate]",
+        "cluster.slurm.signal_grace_s=600",
     ],
     "quoted_paths": [
-        "storage_path=" + hq("/shared/my runs/it's \"here\""), "name=" + hq("a b $(touch pwned) `id` 'q'"),
-        "cluster.env.NOTE=" + hq("$HOME is not expanded; neither is $(id)"), "cluster.slurm.requeue=false",
+        "storage_path=" + hq('/shared/my runs/it\'s "here"'),
+        "name=" + hq("a b $(touch pwned) `id` 'q'"),
+        "cluster.env.NOTE=" + hq("$HOME is not expanded; neither is $(id)"),
+        "cluster.slurm.requeue=false",
     ],
 }
 
 
 def render(overrides: list[str]) -> str:
     from orchestrator.launch import slurm
+
     from orchestrator.config import compose, validate
 
     run = compose(["experiment=demo", "cluster=slurm", "output_dir=unused", *FIXED, *overrides])
@@ -72,8 +86,13 @@ def test_quoted_values_stay_plain_text(monkeypatch):
     assert "#SBATCH --no-requeue" in script and "scontrol requeue" not in script
     # What bash makes of the body's assignments: the exact strings, nothing executed.
     body = "\n".join(x for x in script.splitlines() if x.startswith(("RUN_DIR=", "export NOTE=")))
-    shown = subprocess.run(["bash", "-c", body + '\nprintf "%s\\n" "$RUN_DIR" "$NOTE"'], capture_output=True, text=True, check=True)
-    assert shown.stdout.splitlines() == ["/shared/my runs/it's \"here\"/a b $(touch pwned) `id` 'q'", "$HOME is not expanded; neither is $(id)"]
+    shown = subprocess.run(
+        ["bash", "-c", body + '\nprintf "%s\\n" "$RUN_DIR" "$NOTE"'], capture_output=True, text=True, check=True
+    )
+    assert shown.stdout.splitlines() == [
+        "/shared/my runs/it's \"here\"/a b $(touch pwned) `id` 'q'",
+        "$HOME is not expanded; neither is $(id)",
+    ]
 
 
 def test_newlines_cannot_reach_sbatch_lines(monkeypatch):
@@ -84,6 +103,7 @@ def test_newlines_cannot_reach_sbatch_lines(monkeypatch):
 
 
 # --- real jobs ----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def slurm_cluster(demo_model, tmp_path_factory):
@@ -99,8 +119,19 @@ def slurm_cluster(demo_model, tmp_path_factory):
 
 
 def submit(env, cwd: Path, storage: Path, name: str, *overrides: str, timeout: float = 600):
-    return cli("train", "experiment=demo", "cluster=slurm", f"storage_path={hq(str(storage))}", f"name={hq(name)}", "tracking=none",
-               f"hydra.run.dir={cwd / 'submit'}", *overrides, cwd=cwd, env=env, timeout=timeout)
+    return cli(
+        "train",
+        "experiment=demo",
+        "cluster=slurm",
+        f"storage_path={hq(str(storage))}",
+        f"name={hq(name)}",
+        "tracking=none",
+        f"hydra.run.dir={cwd / 'submit'}",
+        *overrides,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def slurm_job(result) -> dict:
@@ -131,14 +162,18 @@ def test_demo_through_sbatch_on_two_nodes_completes_without_injection_or_leaked_
     assert (run_dir / "adapter" / "COMMITTED").is_file()
     assert [m["step"] for m in read_metrics(run_dir) if "loss" in m] == list(range(1, 101))
     job = slurm_job(r)
-    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "0" and job["JobName"] == NAME  # a finished job is not requeued
+    assert (
+        job["JobState"] == "COMPLETED" and job["Restarts"] == "0" and job["JobName"] == NAME
+    )  # a finished job is not requeued
     assert job["NodeList"] == "node[1-2]" and "on node1 node2" in r.stdout
     # Each Ray node offers one CPU, so the two one-CPU workers can only run on both nodes at once.
     assert re.search(r"Ray cluster of 2 node\(s\) \([\d.]+: CPU=1; [\d.]+: CPU=1\) holds 2 workers", r.stdout)
     assert "trainable params" in r.stdout  # the job's log followed on the terminal
     assert "credentials in the worker environment: HF_TOKEN" in r.stdout  # the secret did arrive
     assert not list(tmp.rglob("pwned")) and not Path("pwned").exists()
-    written = [p for p in tmp.rglob("*") if p.is_file()] + list(Path(slurm_cluster["ORCHESTRATOR_HOME"]).rglob("*.json"))
+    written = [p for p in tmp.rglob("*") if p.is_file()] + list(
+        Path(slurm_cluster["ORCHESTRATOR_HOME"]).rglob("*.json")
+    )
     assert any(p.suffix == ".sbatch" for p in written) and any(p.name.startswith("slurm-") for p in written)
     assert [p for p in written if SECRET.encode() in p.read_bytes()] == []
     status = cli("jobs", "status", job["JobId"], env=slurm_cluster)
@@ -152,7 +187,9 @@ def test_preemption_signal_checkpoints_requeues_and_resumes_to_the_same_adapter(
     assert r.returncode == 0, r.stderr[-3000:]
     job_id = slurm_job(r)["JobId"]
     run_dir = storage / "preempted"
-    wait_until(lambda: (run_dir / "metrics.jsonl").is_file() and len(read_metrics(run_dir)) >= 3, 300, "training to start")
+    wait_until(
+        lambda: (run_dir / "metrics.jsonl").is_file() and len(read_metrics(run_dir)) >= 3, 300, "training to start"
+    )
     # What Slurm sends before a preemption or the time limit (--signal=B:USR1), sent now.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
     done = cli("jobs", "logs", job_id, "--follow", env=slurm_cluster, timeout=600)
@@ -183,8 +220,17 @@ def test_refusals_carry_slurms_message_and_leave_nothing_queued(slurm_cluster, t
 
 @pytest.mark.cluster
 def test_dry_run_prints_the_script_and_submits_nothing(slurm_cluster, tmp_path):
-    r = cli("train", "experiment=demo", "cluster=slurm", f"storage_path={tmp_path}/s", "name=dry", "--dry-run",
-            f"hydra.run.dir={tmp_path / 'h'}", cwd=tmp_path, env=slurm_cluster)
+    r = cli(
+        "train",
+        "experiment=demo",
+        "cluster=slurm",
+        f"storage_path={tmp_path}/s",
+        "name=dry",
+        "--dry-run",
+        f"hydra.run.dir={tmp_path / 'h'}",
+        cwd=tmp_path,
+        env=slurm_cluster,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("#!/bin/bash") and "#SBATCH --job-name=dry" in r.stdout
     assert not (tmp_path / "s").exists()
@@ -193,9 +239,22 @@ def test_dry_run_prints_the_script_and_submits_nothing(slurm_cluster, tmp_path):
 @pytest.mark.cluster
 def test_sweep_runs_in_parallel_as_slurm_jobs(slurm_cluster, tmp_path):
     storage = tmp_path / "storage"
-    r = cli("train", "-m", "experiment=demo", "cluster=slurm", f"storage_path={storage}", "name=sweep", "tracking=none",
-            "trainer.max_steps=3", "trainer.save_every=0", "adapter.r=4,8", f"hydra.sweep.dir={tmp_path / 'multirun'}",
-            cwd=tmp_path, env=slurm_cluster, timeout=600)
+    r = cli(
+        "train",
+        "-m",
+        "experiment=demo",
+        "cluster=slurm",
+        f"storage_path={storage}",
+        "name=sweep",
+        "tracking=none",
+        "trainer.max_steps=3",
+        "trainer.save_every=0",
+        "adapter.r=4,8",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        cwd=tmp_path,
+        env=slurm_cluster,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
     from orchestrator.launch.slurm import show
 
@@ -210,7 +269,9 @@ def test_sweep_runs_in_parallel_as_slurm_jobs(slurm_cluster, tmp_path):
 def test_jobs_stop_cancels_a_slurm_job_and_its_ray_processes(slurm_cluster, tmp_path):
     import psutil
 
-    r = submit(slurm_cluster, tmp_path, tmp_path / "storage", "stop-me", "trainer.max_steps=1000", "cluster.detach=true")
+    r = submit(
+        slurm_cluster, tmp_path, tmp_path / "storage", "stop-me", "trainer.max_steps=1000", "cluster.detach=true"
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     job_id = slurm_job(r)["JobId"]
     run_dir = tmp_path / "storage" / "stop-me"
@@ -222,7 +283,10 @@ def test_jobs_stop_cancels_a_slurm_job_and_its_ray_processes(slurm_cluster, tmp_
         found = []
         for p in psutil.process_iter(["cmdline"]):
             try:
-                if any(f"/tmp/ray-{job_id}/" in part or part == f"--temp-dir=/tmp/ray-{job_id}" for part in p.info["cmdline"] or []):
+                if any(
+                    f"/tmp/ray-{job_id}/" in part or part == f"--temp-dir=/tmp/ray-{job_id}"
+                    for part in p.info["cmdline"] or []
+                ):
                     found.append(p.pid)
             except psutil.Error:
                 pass

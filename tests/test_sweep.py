@@ -7,7 +7,6 @@ import json
 
 import pytest
 import yaml
-
 from conftest import cli
 
 pytestmark = pytest.mark.slow
@@ -19,11 +18,25 @@ def test_preset_sweep_goes_on_after_a_failed_run_and_is_reported(tmp_path, demo_
     sweep = tmp_path / "sweep"
     # The preset's 4 ranks, cut to 3 by a command-line sweep of the same key (it replaces the
     # preset's); alpha follows 2r. r=0 fails validation, and the sweep goes on.
-    r = cli("train", "-m", "experiment=demo", "sweep=rank_alpha_2r", "adapter.r=0,4,8", "trainer.max_steps=3",
-            "trainer.save_every=0", "trainer.eval_every=2", "tracking=none", f"hydra.sweep.dir={sweep}",
-            cwd=tmp_path, timeout=900)
+    r = cli(
+        "train",
+        "-m",
+        "experiment=demo",
+        "sweep=rank_alpha_2r",
+        "adapter.r=0,4,8",
+        "trainer.max_steps=3",
+        "trainer.save_every=0",
+        "trainer.eval_every=2",
+        "tracking=none",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        timeout=900,
+    )
     assert r.returncode == 1, r.stderr[-2000:]
-    assert "1 run(s) of the sweep failed" in r.stderr and "adapter.r: must be a positive integer, got 0" in r.stdout + r.stderr
+    assert (
+        "1 run(s) of the sweep failed" in r.stderr
+        and "adapter.r: must be a positive integer, got 0" in r.stdout + r.stderr
+    )
     runs = {p.name: p for p in sweep.iterdir() if p.is_dir() and p.name != "report"}
     failed = next(p for n, p in runs.items() if "adapter.r=0" in n)
     assert "error: invalid configuration" in (failed / "train.log").read_text()

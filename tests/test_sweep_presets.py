@@ -5,11 +5,9 @@ driven by a preset: test_sweep.py)."""
 from __future__ import annotations
 
 import importlib.util
-import json
 
 import pytest
 import yaml
-
 from conftest import cli
 
 from orchestrator.config import CONF_DIR, check_group_overrides, compose
@@ -83,8 +81,17 @@ def test_optuna_preset_sets_the_optuna_sweeper():
 def test_mul_resolver_gives_numbers():
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create({"r": 8, "s": "8", "x": 0.5, "a": "${mul:${r},2}", "b": "${mul:${s},2}",
-                            "c": "${mul:${r},${x}}", "bad": "${mul:${r},two}"})
+    cfg = OmegaConf.create(
+        {
+            "r": 8,
+            "s": "8",
+            "x": 0.5,
+            "a": "${mul:${r},2}",
+            "b": "${mul:${s},2}",
+            "c": "${mul:${r},${x}}",
+            "bad": "${mul:${r},two}",
+        }
+    )
     assert cfg.a == 16 and type(cfg.a) is int
     assert cfg.b == 16 and type(cfg.b) is int  # a string from the command line is still a number
     assert cfg.c == 4.0
@@ -104,9 +111,13 @@ def test_override_check_accepts_presets_and_lists_them_for_an_unknown_one(monkey
     assert problems == ["sweep=nope: no such option; valid: lr_rank, optuna_rank_alpha, rank_alpha_2r, rank_alpha_grid"]
     # A preset whose sweeper plugin is missing says what to install instead of Hydra's
     # "Could not find 'hydra/sweeper/optuna'".
-    monkeypatch.setitem(compose_module.SWEEPER_PLUGINS, "optuna", ("hydra_plugins.no_such_sweeper", "hydra-optuna-sweeper==1.3.0"))
+    monkeypatch.setitem(
+        compose_module.SWEEPER_PLUGINS, "optuna", ("hydra_plugins.no_such_sweeper", "hydra-optuna-sweeper==1.3.0")
+    )
     _, problems = check_group_overrides(["sweep=optuna_rank_alpha"])
-    assert problems == ["sweep=optuna_rank_alpha: needs the optuna sweeper plugin, not installed; pip install hydra-optuna-sweeper==1.3.0"]
+    assert problems == [
+        "sweep=optuna_rank_alpha: needs the optuna sweeper plugin, not installed; pip install hydra-optuna-sweeper==1.3.0"
+    ]
 
 
 def test_cli_rejects_an_unknown_preset(tmp_path):
@@ -122,9 +133,19 @@ def test_real_optuna_sweep(tmp_path, demo_root):
     from orchestrator import report
 
     sweep = tmp_path / "sweep"
-    r = cli("train", "-m", "experiment=demo", "sweep=optuna_rank_alpha", "hydra.sweeper.n_trials=2",
-            "trainer.max_steps=2", "trainer.save_every=0", "tracking=none", f"hydra.sweep.dir={sweep}",
-            cwd=tmp_path, timeout=900)
+    r = cli(
+        "train",
+        "-m",
+        "experiment=demo",
+        "sweep=optuna_rank_alpha",
+        "hydra.sweeper.n_trials=2",
+        "trainer.max_steps=2",
+        "trainer.save_every=0",
+        "tracking=none",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     runs = [p for p in sweep.iterdir() if p.is_dir() and (p / "adapter" / "COMMITTED").is_file()]

@@ -15,7 +15,6 @@ import zlib
 from pathlib import Path
 
 import pytest
-
 from conftest import read_metrics, train
 
 from orchestrator.rundir import RunDir
@@ -38,10 +37,10 @@ def wandb_records(path: Path) -> list:
         if _BLOCK - pos % _BLOCK < _HEADER:  # a block's tail too short for a header is padding
             pos += _BLOCK - pos % _BLOCK
             continue
-        crc, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + _HEADER])
         if kind == 0 and length == 0:  # zeroed space after the last record
             break
-        chunk = data[pos + _HEADER:pos + _HEADER + length]
+        chunk = data[pos + _HEADER : pos + _HEADER + length]
         pos += _HEADER + length
         assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc, f"{path}: bad checksum at byte {pos}"
         if kind == _FULL:
@@ -71,8 +70,15 @@ def read_session(run_dir: Path) -> dict:
 
 def test_offline_run_holds_metrics_group_config_and_resumes_the_same_id(tmp_path, demo_model, ray_local):
     out, group = tmp_path / "run", "tracking-test-group"
-    args = ["tracking=wandb", "tracking.mode=offline", f"tracking.group={group}", "adapter.r=4",
-            "trainer.max_steps=4", "trainer.save_every=2", "trainer.eval_every=2"]
+    args = [
+        "tracking=wandb",
+        "tracking.mode=offline",
+        f"tracking.group={group}",
+        "adapter.r=4",
+        "trainer.max_steps=4",
+        "trainer.save_every=2",
+        "trainer.eval_every=2",
+    ]
     train(out, *args)
     run_id = RunDir(out).wandb_id.read_text().strip()
     (first,) = (out / "wandb").glob("offline-run-*")

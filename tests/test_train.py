@@ -7,9 +7,8 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import read_metrics, train_losses
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -17,14 +16,14 @@ pytestmark = pytest.mark.slow
 def plain_peft_eval_loss(out, quant: str) -> float:
     """Eval loss of the saved adapter loaded with nothing but transformers + PEFT on an unsharded
     base, over the same held-out rows the run evaluated."""
+    import yaml
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from orchestrator.config.typed import to_typed
     from orchestrator.config.schema import RunConfig
+    from orchestrator.config.typed import to_typed
     from orchestrator.data import collate, encode_rows, split_rows, target_tokens
     from orchestrator.model import bnb_config
-    import yaml
 
     run = to_typed(yaml.safe_load((out / "config.yaml").read_text()), RunConfig)
     kwargs = {"dtype": getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[run.model.dtype])}
@@ -125,8 +124,14 @@ def test_other_architectures_train_through_model_path(train_run, demo_model, tmp
 def test_keep_last_and_keep_best_prune_step_checkpoints(train_run):
     from orchestrator import checkpoint
 
-    out = train_run("trainer.max_steps=8", "trainer.save_every=2", "trainer.eval_every=2", "trainer.keep_last=1",
-                    "trainer.keep_best=true", name="prune")
+    out = train_run(
+        "trainer.max_steps=8",
+        "trainer.save_every=2",
+        "trainer.eval_every=2",
+        "trainer.keep_last=1",
+        "trainer.keep_best=true",
+        name="prune",
+    )
     evals = {m["step"]: m["eval_loss"] for m in read_metrics(out) if "eval_loss" in m and m["step"] < 8}
     best = min(evals, key=evals.get)
     kept = [n for n, _ in checkpoint.step_checkpoints(out / "checkpoints")]

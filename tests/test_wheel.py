@@ -18,8 +18,20 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 # What the wheel is built from: the working tree without what a build never reads.
-NOT_SOURCES = {".git", ".venv", "tests", "bench", "build", "dist", "outputs", "multirun", "wandb", ".pytest_cache",
-               ".whl", ".dev"}
+NOT_SOURCES = {
+    ".git",
+    ".venv",
+    "tests",
+    "bench",
+    "build",
+    "dist",
+    "outputs",
+    "multirun",
+    "wandb",
+    ".pytest_cache",
+    ".whl",
+    ".dev",
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +46,18 @@ def wheel(tmp_path_factory) -> dict:
         if entry.name not in NOT_SOURCES:
             (shutil.copytree(entry, src / entry.name, ignore=skip) if entry.is_dir() else shutil.copy2(entry, src))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    r = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp / "dist", src],
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "DS_BUILD_OPS": "0"})
+    r = subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp / "dist", src],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "DS_BUILD_OPS": "0"},
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     (whl,) = (tmp / "dist").glob("orchestrator-*.whl")
-    r = subprocess.run([*pip, "install", "--no-deps", "--target", tmp / "site", whl], capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        [*pip, "install", "--no-deps", "--target", tmp / "site", whl], capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     work = tmp / "work"  # the directory every command runs in: not the repository
     work.mkdir()
@@ -54,15 +72,25 @@ def run(wheel: dict, *args: str, timeout: float = 300) -> subprocess.CompletedPr
     """`python ARGS` in a directory outside the repository, with the wheel's copy of the package
     ahead of the editable install on sys.path."""
     env = {k: v for k, v in os.environ.items() if k != "ORCHESTRATOR_CONF_DIR"}
-    env.update(PYTHONPATH=str(wheel["site"]), ORCHESTRATOR_DEMO_DIR=str(wheel["tmp"] / "demo"), WANDB_MODE="offline",
-               WANDB_SILENT="true", ORCHESTRATOR_HOME=str(wheel["tmp"] / "home"))
-    return subprocess.run([sys.executable, *args], cwd=wheel["work"], capture_output=True, text=True, timeout=timeout,
-                          env=env)
+    env.update(
+        PYTHONPATH=str(wheel["site"]),
+        ORCHESTRATOR_DEMO_DIR=str(wheel["tmp"] / "demo"),
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        ORCHESTRATOR_HOME=str(wheel["tmp"] / "home"),
+    )
+    return subprocess.run(
+        [sys.executable, *args], cwd=wheel["work"], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def _repo_files(top: str, *patterns: str) -> set[str]:
-    return {p.relative_to(REPO / top).as_posix() for pattern in patterns for p in (REPO / top).glob(pattern)
-            if "__pycache__" not in p.parts}
+    return {
+        p.relative_to(REPO / top).as_posix()
+        for pattern in patterns
+        for p in (REPO / top).glob(pattern)
+        if "__pycache__" not in p.parts
+    }
 
 
 def test_wheel_carries_code_configs_and_templates(wheel):
@@ -79,13 +107,17 @@ def test_wheel_carries_code_configs_and_templates(wheel):
 
 
 def test_installed_package_is_the_wheels_and_has_no_top_level_launch(wheel):
-    r = run(wheel, "-c", """if True:
+    r = run(
+        wheel,
+        "-c",
+        """if True:
         import importlib.util, json
         import orchestrator, orchestrator.launch, orchestrator.launch.slurm
         from orchestrator.config import CONF_DIR
         print(json.dumps({"orchestrator": orchestrator.__file__, "launch": orchestrator.launch.__file__,
                           "conf": str(CONF_DIR), "template": str(orchestrator.launch.slurm.TEMPLATE),
-                          "top_level_launch": importlib.util.find_spec("launch") is not None}))""")
+                          "top_level_launch": importlib.util.find_spec("launch") is not None}))""",
+    )
     assert r.returncode == 0, r.stderr
     found = json.loads(r.stdout)
     site = wheel["site"].resolve()
@@ -102,16 +134,37 @@ def test_composes_a_config(wheel):
 
 def test_renders_the_sbatch_script(wheel):
     tmp = wheel["tmp"]
-    r = run(wheel, "-m", "orchestrator", "train", "experiment=demo", "cluster=slurm", f"storage_path={tmp}/s", "name=w",
-            f"hydra.run.dir={tmp}/h", "--dry-run")
+    r = run(
+        wheel,
+        "-m",
+        "orchestrator",
+        "train",
+        "experiment=demo",
+        "cluster=slurm",
+        f"storage_path={tmp}/s",
+        "name=w",
+        f"hydra.run.dir={tmp}/h",
+        "--dry-run",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("#!/bin/bash"), r.stdout[:500]
 
 
 def test_trains_the_demo(wheel):
     out = wheel["tmp"] / "out"
-    r = run(wheel, "-m", "orchestrator", "train", "experiment=demo", "trainer.max_steps=2", "trainer.save_every=0",
-            "tracking=none", "data.eval_fraction=0", f"output_dir={out}", f"hydra.run.dir={wheel['tmp']}/h2",
-            timeout=600)
+    r = run(
+        wheel,
+        "-m",
+        "orchestrator",
+        "train",
+        "experiment=demo",
+        "trainer.max_steps=2",
+        "trainer.save_every=0",
+        "tracking=none",
+        "data.eval_fraction=0",
+        f"output_dir={out}",
+        f"hydra.run.dir={wheel['tmp']}/h2",
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()

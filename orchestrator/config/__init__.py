@@ -18,7 +18,23 @@ from orchestrator.config.typed import ConfigError, to_typed
 from orchestrator.config.validate import validate
 
 __all__ = [
-    "CONF_DIR", "AdapterConfig", "ClusterConfig", "ConfigError", "DataConfig", "ModelConfig",
-    "OptimConfig", "QuantConfig", "RunConfig", "StrategyConfig", "TrackingConfig", "TrainerConfig",
-    "as_dict", "check_group_overrides", "compose", "group_options", "resolve", "to_typed", "validate",
+    "CONF_DIR",
+    "AdapterConfig",
+    "ClusterConfig",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "QuantConfig",
+    "RunConfig",
+    "StrategyConfig",
+    "TrackingConfig",
+    "TrainerConfig",
+    "as_dict",
+    "check_group_overrides",
+    "compose",
+    "group_options",
+    "resolve",
+    "to_typed",
+    "validate",
 ]

@@ -119,7 +119,7 @@ def _field_type(dotted: str) -> tuple[Any, str | None]:
         if dataclasses.is_dataclass(tp):
             fields = [f.name for f in dataclasses.fields(tp)]
             if part not in fields:
-                return None, f"{'.'.join(parts[:i + 1])}: unknown field; valid fields: {', '.join(fields)}"
+                return None, f"{'.'.join(parts[: i + 1])}: unknown field; valid fields: {', '.join(fields)}"
             tp = typing.get_type_hints(tp)[part]
         elif typing.get_origin(tp) is dict:
             tp = typing.get_args(tp)[1]
@@ -198,8 +198,13 @@ def check_group_overrides(overrides: Sequence[str], config_dirs: ConfigDirs = ()
                 if bad:
                     problems.append(f"{key}={','.join(map(str, bad))}: no such option; valid: {', '.join(groups[key])}")
                     continue
-                missing = [m for c in choices if key == "sweep" and c is not None
-                           for m in [_missing_sweeper_plugin(str(c), config_dirs)] if m]
+                missing = [
+                    m
+                    for c in choices
+                    if key == "sweep" and c is not None
+                    for m in [_missing_sweeper_plugin(str(c), config_dirs)]
+                    if m
+                ]
                 if missing:
                     problems.extend(missing)
                     continue

@@ -11,7 +11,7 @@ documentation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 Dtype = Literal["bf16", "fp16", "fp32"]
 
@@ -37,7 +37,7 @@ class QuantConfig:
     """none: base in model.dtype. nf4: bitsandbytes 4-bit NormalFloat base (QLoRA)."""
     double_quant: bool = True
     """Quantize the quantization constants too (saves ~0.4 bit/param)."""
-    storage_dtype: Optional[Dtype] = None
+    storage_dtype: Dtype | None = None
     """Dtype the packed 4-bit weights are stored in. Must be a float type that FSDP/ZeRO can
     flatten and equal to the dtype of the rest of the base; None means model.dtype."""
 
@@ -52,7 +52,7 @@ class AdapterConfig:
     """Scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) for rslora)."""
     dropout: float = 0.05
     """Dropout on the adapter input."""
-    target_modules: Union[str, list[str]] = "all-linear"
+    target_modules: str | list[str] = "all-linear"
     """Module names (or suffixes) to adapt, or 'all-linear' (every linear layer but the output head)."""
     init_seed: int = 0
     """Seed for adapter initialisation, so every worker starts from identical adapter weights."""
@@ -77,7 +77,7 @@ class StrategyConfig:
     offload: bool = False
     """DeepSpeed: offload optimizer state to CPU (zero2, zero3); zero3_offload also offloads
     parameters and requires true."""
-    ds_config: Optional[str] = None
+    ds_config: str | None = None
     """DeepSpeed: path to a user DeepSpeed JSON merged into the generated config; keys that
     contradict the run's own settings (micro batch, stage, clipping, precision...) are refused."""
     reduce_bucket_size: int = 500_000_000
@@ -119,7 +119,7 @@ class DataConfig:
     """Sequences are truncated to this many tokens; must fit the model's context."""
     eval_fraction: float = 0.0
     """Fraction of rows held out for evaluation (chosen deterministically from trainer.seed)."""
-    eval_path: Optional[str] = None
+    eval_path: str | None = None
     """Separate JSONL for evaluation; overrides eval_fraction."""
 
 
@@ -159,18 +159,18 @@ class SlurmConfig:
     """Nodes; cluster.num_workers is spread evenly over them (one Ray node each)."""
     gpus_per_node: int = 0
     """GPUs per node (--gpus-per-node); 0 on CPU-only partitions."""
-    cpus_per_node: Optional[int] = None
+    cpus_per_node: int | None = None
     """CPUs per node (--cpus-per-task); None = workers per node x cluster.cpus_per_worker + 1 for Ray."""
-    mem: Optional[str] = None
+    mem: str | None = None
     """Memory per node (--mem), e.g. 200G; None takes the partition's default."""
     time: str = "04:00:00"
     """Wall-clock limit (--time)."""
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    constraint: Optional[str] = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
     """Node features (--constraint), e.g. h100."""
-    job_name: Optional[str] = None
+    job_name: str | None = None
     """Slurm job name; None uses the run name."""
     extra_sbatch: list[str] = field(default_factory=list)
     """More sbatch options, one per item, e.g. ["--exclusive", "--reservation=x"]."""
@@ -198,19 +198,17 @@ class ClusterConfig:
     max_failures: int = 0
     """Worker-group restarts Ray Train may attempt before the run fails. cluster=ray sets 1: a
     restart resumes from the last checkpoint in storage_path."""
-    address: Optional[str] = None
+    address: str | None = None
     """Ray cluster: the dashboard address (http://head:8265) for cluster=ray, else the address to
     connect to; None reads RAY_ADDRESS, or (local) starts a Ray instance."""
     autoscaling: bool = False
     """The Ray cluster adds nodes on demand: wait for resources instead of refusing a request the
     current nodes cannot hold."""
-    python: Optional[str] = None
+    python: str | None = None
     """Interpreter on the cluster that has the project's dependencies; None = the submitting one."""
     env: dict[str, str] = field(default_factory=dict)
     """Environment variables for the job (not secrets: they are stored with the job)."""
-    secret_env: list[str] = field(
-        default_factory=lambda: ["WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"]
-    )
+    secret_env: list[str] = field(default_factory=lambda: ["WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"])
     """Names of variables passed from the submitting shell's environment to the job, never
     written to a file by the orchestrator."""
     pip: list[str] = field(default_factory=list)
@@ -228,11 +226,11 @@ class TrackingConfig:
     """wandb: log to Weights & Biases from rank 0. none: metrics.jsonl only."""
     project: str = "orchestrator"
     """W&B project."""
-    entity: Optional[str] = None
+    entity: str | None = None
     """W&B entity (team or user)."""
-    name: Optional[str] = None
+    name: str | None = None
     """W&B run name; None derives it from the output directory."""
-    group: Optional[str] = None
+    group: str | None = None
     """W&B group, e.g. the sweep name."""
     tags: list[str] = field(default_factory=list)
     """W&B tags."""
@@ -253,10 +251,10 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = "???"
     """Directory of this run: config, metrics, checkpoints, final adapter."""
-    name: Optional[str] = None
+    name: str | None = None
     """Run name (W&B, Ray, Slurm job). With storage_path it names the run's directory, so the same
     name continues the same run and a new run needs a new name."""
-    storage_path: Optional[str] = None
+    storage_path: str | None = None
     """Root of run directories shared by every node (cluster=ray/slurm): the run lives in
     <storage_path>/<name>. None keeps the run in output_dir (single-machine runs)."""
     resume: str = "auto"

@@ -30,14 +30,19 @@ def _static(run: RunConfig) -> list[str]:
     need(t.micro_batch_size >= 1, f"trainer.micro_batch_size: must be >= 1, got {t.micro_batch_size}")
     need(t.grad_accum >= 1, f"trainer.grad_accum: must be >= 1, got {t.grad_accum}")
     need(t.lr > 0, f"trainer.lr: must be positive, got {t.lr}")
-    need(t.max_steps == -1 or t.max_steps >= 1, f"trainer.max_steps: must be -1 (use epochs) or >= 1, got {t.max_steps}")
+    need(
+        t.max_steps == -1 or t.max_steps >= 1, f"trainer.max_steps: must be -1 (use epochs) or >= 1, got {t.max_steps}"
+    )
     need(t.epochs >= 1, f"trainer.epochs: must be >= 1, got {t.epochs}")
     need(t.log_every >= 1, f"trainer.log_every: must be >= 1, got {t.log_every}")
     for f in ("save_every", "eval_every", "keep_last"):
         need(getattr(t, f) >= 0, f"trainer.{f}: must be >= 0, got {getattr(t, f)}")
     need(d.max_seq_len >= 8, f"data.max_seq_len: must be >= 8, got {d.max_seq_len}")
     need(0 <= d.eval_fraction < 1, f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
-    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas: must be two numbers in [0, 1), got {o.betas}")
+    need(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        f"optim.betas: must be two numbers in [0, 1), got {o.betas}",
+    )
     need(o.eps > 0, f"optim.eps: must be positive, got {o.eps}")
     need(0 <= o.warmup_ratio < 1, f"optim.warmup_ratio: must be in [0, 1), got {o.warmup_ratio}")
     need(o.max_grad_norm >= 0, f"optim.max_grad_norm: must be >= 0 (0 disables clipping), got {o.max_grad_norm}")
@@ -55,8 +60,10 @@ def _static(run: RunConfig) -> list[str]:
         from orchestrator.checkpoint import is_committed
 
         if not is_committed(Path(run.resume)):
-            p.append(f"resume: {run.resume} is not a committed checkpoint (a step-<N> directory with a COMMITTED marker); "
-                     "valid: auto, never, or such a directory")
+            p.append(
+                f"resume: {run.resume} is not a committed checkpoint (a step-<N> directory with a COMMITTED marker); "
+                "valid: auto, never, or such a directory"
+            )
     q, name = run.quant, run.strategy.name
     if q.kind == "nf4" and q.storage_dtype not in (None, run.model.dtype) and name in SHARDS_BASE:
         p.append(
@@ -73,7 +80,9 @@ def _static(run: RunConfig) -> list[str]:
 DEEPSPEED = tuple(ZERO_STAGES)
 _DEEPSPEED_LIST = ", ".join(DEEPSPEED[:-1]) + " or " + DEEPSPEED[-1]
 # Why each strategy that touches the base's storage needs the packed NF4 weights in model.dtype.
-_DS_CAST = "DeepSpeed casts the whole module to the training precision, which would reinterpret the packed 4-bit weights"
+_DS_CAST = (
+    "DeepSpeed casts the whole module to the training precision, which would reinterpret the packed 4-bit weights"
+)
 SHARDS_BASE = {
     "fsdp": "FSDP flattens each layer's parameters into one buffer of one dtype",
     **{name: _DS_CAST for name in DEEPSPEED},
@@ -84,40 +93,58 @@ def _cluster_static(run: RunConfig) -> list[str]:
     c, s, p = run.cluster, run.cluster.slurm, []
     if c.kind != "local":
         if not run.storage_path:
-            p.append(f"storage_path: required for cluster={c.kind}: a directory every node of the cluster sees "
-                     "(shared filesystem); the run is kept in <storage_path>/<name>")
+            p.append(
+                f"storage_path: required for cluster={c.kind}: a directory every node of the cluster sees "
+                "(shared filesystem); the run is kept in <storage_path>/<name>"
+            )
         if not run.name:
-            p.append(f"name: required for cluster={c.kind}: the run is kept in <storage_path>/<name>; "
-                     "submitting the same name again continues that run, a new run needs a new name")
+            p.append(
+                f"name: required for cluster={c.kind}: the run is kept in <storage_path>/<name>; "
+                "submitting the same name again continues that run, a new run needs a new name"
+            )
     if run.storage_path and "://" in run.storage_path:
-        p.append(f"storage_path: {run.storage_path} is a URI; checkpoints are committed with POSIX renames, so give "
-                 "a shared filesystem path (mount a bucket with its FUSE driver to use object storage)")
+        p.append(
+            f"storage_path: {run.storage_path} is a URI; checkpoints are committed with POSIX renames, so give "
+            "a shared filesystem path (mount a bucket with its FUSE driver to use object storage)"
+        )
     for field in ("name", "storage_path"):
         if any(ord(ch) < 32 for ch in getattr(run, field) or ""):
-            p.append(f"{field}: {getattr(run, field)!r} contains control characters (newlines); they cannot name a directory or a job")
+            p.append(
+                f"{field}: {getattr(run, field)!r} contains control characters (newlines); they cannot name a directory or a job"
+            )
     if run.name and (run.name.startswith(("/", ".")) or ".." in run.name.split("/")):
         p.append(f"name: {run.name!r} must be a relative name (letters, digits, -, _, and / for groups), not a path")
     bad_env = [k for k in [*c.env, *c.secret_env] if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)]
     if bad_env:
-        p.append(f"cluster.env / cluster.secret_env: {', '.join(map(repr, bad_env))} are not environment variable names")
+        p.append(
+            f"cluster.env / cluster.secret_env: {', '.join(map(repr, bad_env))} are not environment variable names"
+        )
     leaked = sorted(set(c.env) & set(c.secret_env))
     if leaked:
-        p.append(f"cluster.env: {', '.join(leaked)} are secrets (cluster.secret_env); export them in your shell "
-                 "instead, so they travel in the environment only and are never written to a file")
+        p.append(
+            f"cluster.env: {', '.join(leaked)} are secrets (cluster.secret_env); export them in your shell "
+            "instead, so they travel in the environment only and are never written to a file"
+        )
     if c.kind == "slurm":
         if s.nodes < 1 or c.num_workers % s.nodes:
-            p.append(f"cluster.slurm.nodes={s.nodes} must be >= 1 and divide cluster.num_workers={c.num_workers} "
-                     "(one Ray node per Slurm node, the same number of workers on each)")
+            p.append(
+                f"cluster.slurm.nodes={s.nodes} must be >= 1 and divide cluster.num_workers={c.num_workers} "
+                "(one Ray node per Slurm node, the same number of workers on each)"
+            )
         elif c.use_gpu and s.gpus_per_node < c.num_workers // s.nodes:
-            p.append(f"cluster.slurm.gpus_per_node={s.gpus_per_node} is fewer than the {c.num_workers // s.nodes} "
-                     "workers per node, each of which needs a GPU")
+            p.append(
+                f"cluster.slurm.gpus_per_node={s.gpus_per_node} is fewer than the {c.num_workers // s.nodes} "
+                "workers per node, each of which needs a GPU"
+            )
         if s.signal_grace_s < 0:
             p.append(f"cluster.slurm.signal_grace_s: must be >= 0, got {s.signal_grace_s}")
         if not re.fullmatch(r"(\d+-)?\d{1,2}(:\d{2}){0,2}|\d+", s.time):
             p.append(f"cluster.slurm.time: {s.time!r} is not a Slurm time (MM, HH:MM:SS or D-HH:MM:SS)")
         bad = [x for x in s.extra_sbatch if not x.startswith("-")]
         if bad:
-            p.append(f"cluster.slurm.extra_sbatch: {bad} must be sbatch options such as --exclusive or --reservation=name")
+            p.append(
+                f"cluster.slurm.extra_sbatch: {bad} must be sbatch options such as --exclusive or --reservation=name"
+            )
     return p
 
 
@@ -162,8 +189,14 @@ def _deepspeed_json(run: RunConfig) -> list[str]:
 
     t = run.trainer
     try:
-        build_ds_config(s, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, max_grad_norm=run.optim.max_grad_norm,
-                        dtype=run.model.dtype, world_size=run.cluster.num_workers)
+        build_ds_config(
+            s,
+            micro_batch_size=t.micro_batch_size,
+            grad_accum=t.grad_accum,
+            max_grad_norm=run.optim.max_grad_norm,
+            dtype=run.model.dtype,
+            world_size=run.cluster.num_workers,
+        )
     except ValueError as e:
         return [str(e)]
     return []
@@ -173,8 +206,8 @@ def _model(run: RunConfig) -> list[str]:
     path = Path(run.model.path)
     if not (path / "config.json").is_file():
         return [f"model.path: {path} is not a Hugging Face model directory (no config.json)"]
-    from orchestrator.model import load_model_config, module_names
     from orchestrator.adapters import unmatched_targets
+    from orchestrator.model import load_model_config, module_names
 
     p = []
     try:
@@ -252,8 +285,10 @@ def _resources(run: RunConfig) -> list[str]:
 
         need, free = _checkpoint_bytes(run), shutil.disk_usage(probe).free
         if free < need:
-            p.append(f"output_dir: {probe} has {_human(free)} free but the run's checkpoints need about "
-                     f"{_human(need)}; free space, lower trainer.keep_last, or choose another output_dir")
+            p.append(
+                f"output_dir: {probe} has {_human(free)} free but the run's checkpoints need about "
+                f"{_human(need)}; free space, lower trainer.keep_last, or choose another output_dir"
+            )
     return p
 
 

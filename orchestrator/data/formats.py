@@ -86,7 +86,9 @@ def read_rows(path: str | Path, fmt: str) -> list[dict]:
     return rows
 
 
-def split_rows(path: str | Path, fmt: str, eval_path: str | Path | None, eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+def split_rows(
+    path: str | Path, fmt: str, eval_path: str | Path | None, eval_fraction: float, seed: int
+) -> tuple[list[dict], list[dict]]:
     """Train and eval rows. Without an eval file, the eval split is a seeded random subset of the
     rows, the same on every worker."""
     import torch

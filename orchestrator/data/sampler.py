@@ -33,7 +33,7 @@ class GlobalBatchSampler:
         # The incomplete last global batch is dropped so every worker runs the same steps.
         return self.num_rows // self.global_batch
 
-    @functools.lru_cache(maxsize=2)
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - frozen and hashable; two epochs are live at most
     def permutation(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         return torch.randperm(self.num_rows, generator=g).tolist()
@@ -44,7 +44,10 @@ class GlobalBatchSampler:
         batch = self.permutation(epoch)[within * self.global_batch : (within + 1) * self.global_batch]
         per_micro = self.micro_batch_size * self.world_size
         return [
-            batch[m * per_micro + self.rank * self.micro_batch_size : m * per_micro + (self.rank + 1) * self.micro_batch_size]
+            batch[
+                m * per_micro + self.rank * self.micro_batch_size : m * per_micro
+                + (self.rank + 1) * self.micro_batch_size
+            ]
             for m in range(self.grad_accum)
         ]
 

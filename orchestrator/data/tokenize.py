@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 
@@ -18,14 +24,14 @@ def alpaca_prompt(row: dict) -> str:
     return text + ALPACA_RESPONSE
 
 
-def _encode_alpaca(row: dict, tok) -> tuple[list[int], list[int]]:
+def _encode_alpaca(row: dict, tok: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
     # Prompt and response are tokenized apart so the mask boundary is exact whatever the BPE merges.
     prompt = tok(alpaca_prompt(row), add_special_tokens=True)["input_ids"]
     answer = tok(row["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
 
 
-def _encode_chat(row: dict, tok) -> tuple[list[int], list[int]]:
+def _encode_chat(row: dict, tok: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
     msgs = row["messages"]
     text = tok.apply_chat_template(msgs, tokenize=False)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -50,7 +56,9 @@ def _encode_chat(row: dict, tok) -> tuple[list[int], list[int]]:
 ENCODERS = {"alpaca": _encode_alpaca, "chat": _encode_chat}
 
 
-def encode_rows(rows: list[dict], fmt: str, tokenizer, max_seq_len: int) -> list[tuple[list[int], list[int]]]:
+def encode_rows(
+    rows: list[dict], fmt: str, tokenizer: PreTrainedTokenizerBase, max_seq_len: int
+) -> list[tuple[list[int], list[int]]]:
     """Tokenize and truncate every row. Rows whose response is cut away entirely are kept
     (they carry no loss) so that every worker sees the same number of rows."""
     encode = ENCODERS[fmt]
@@ -61,7 +69,7 @@ def encode_rows(rows: list[dict], fmt: str, tokenizer, max_seq_len: int) -> list
     return out
 
 
-def target_tokens(examples: list[tuple[list[int], list[int]]], indices) -> int:
+def target_tokens(examples: list[tuple[list[int], list[int]]], indices: Iterable[int]) -> int:
     """Loss tokens of these examples. The model shifts labels by one: position 0 is never a target."""
     return sum(sum(1 for t in examples[i][1][1:] if t != IGNORE_INDEX) for i in indices)
 

@@ -9,8 +9,9 @@ one), and a conf/strategy/<name>.yaml that sets `name` and whatever else it chan
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -51,7 +52,7 @@ class Strategy(Protocol):
         """Restore what save_state wrote (adapter weights are restored by the loop). Collective."""
 
 
-def build_strategy(run: "RunConfig") -> Strategy:
+def build_strategy(run: RunConfig) -> Strategy:
     from orchestrator.strategies.replicated_adapter import ReplicatedAdapterStrategy
 
     cfg = run.strategy

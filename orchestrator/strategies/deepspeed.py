@@ -19,7 +19,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,7 +35,12 @@ class DeepSpeedConfigConflict(ValueError):
 
 
 def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+    if (
+        isinstance(a, (int, float))
+        and isinstance(b, (int, float))
+        and not isinstance(a, bool)
+        and not isinstance(b, bool)
+    ):
         return float(a) == float(b)
     return a == b
 
@@ -168,7 +173,7 @@ class DeepSpeedStrategy:
         self._params: list[nn.Parameter] = []
         self._micro = 0
 
-    def ds_config(self, world_size: Optional[int] = None) -> dict:
+    def ds_config(self, world_size: int | None = None) -> dict:
         return build_ds_config(self.cfg, world_size=world_size or _world_size(), **self._config_args)
 
     def load_context(self) -> contextlib.AbstractContextManager:
@@ -238,7 +243,12 @@ class DeepSpeedStrategy:
             full = safe_get_full_fp32_param(p)  # gathers ZeRO partitions (collective)
             if full is None:
                 full = self._gathered(p)
-            out[n.removeprefix("module.")] = full.detach().to("cpu", torch.float32).clone().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+            out[n.removeprefix("module.")] = (
+                full.detach()
+                .to("cpu", torch.float32)
+                .clone()
+                .reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+            )
         return out
 
     @staticmethod
@@ -258,7 +268,11 @@ class DeepSpeedStrategy:
 
     def load_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state_dir: Path) -> None:
         path, _ = self.engine.load_checkpoint(
-            str(state_dir), tag=self.TAG, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=False
+            str(state_dir),
+            tag=self.TAG,
+            load_module_strict=False,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
         )
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed state under {state_dir}")

@@ -14,8 +14,8 @@ its reentrant-checkpointing pitfalls.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -52,7 +52,7 @@ def local_param_bytes(model: nn.Module) -> dict[str, int]:
 
 
 class ReplicatedAdapterStrategy:
-    def __init__(self, cfg: StrategyConfig, shard_base: Optional[ShardBase] = None):
+    def __init__(self, cfg: StrategyConfig, shard_base: ShardBase | None = None):
         self.name = cfg.name
         self.cfg = cfg
         self.shard_base = shard_base
