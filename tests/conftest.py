@@ -108,6 +108,9 @@ def demo_run(demo_model, ray_local, tmp_path_factory) -> Path:
     return train(tmp_path_factory.mktemp("demo-run") / "demo", "tracking=wandb", "tracking.mode=offline")
 
 
+# One worker (the same global batch): such runs train in the test process (see train()).
+ONE_PROCESS = ["strategy=single", "cluster.num_workers=1", "trainer.micro_batch_size=8"]
+
 # Equivalence runs: the same 10 steps and global batch under each strategy, compared with one process.
 EQUIVALENCE = [
     "trainer.max_steps=10",
@@ -136,13 +139,9 @@ def equivalence_run(demo_model, ray_local, tmp_path_factory):
 
     def get(case: str, strategy: str) -> Path:
         if (case, strategy) not in done:
-            shape = (
-                ["cluster.num_workers=1", "trainer.micro_batch_size=8"]
-                if strategy == "single"
-                else ["cluster.num_workers=2", "trainer.micro_batch_size=4"]
-            )
+            shape = ONE_PROCESS if strategy == "single" else ["cluster.num_workers=2", "trainer.micro_batch_size=4"]
             if (case, strategy) == ("fp32-nf4", "fsdp"):
-                shape.append("model.gradient_checkpointing=true")
+                shape = [*shape, "model.gradient_checkpointing=true"]
             done[case, strategy] = train(
                 root / f"{case}-{strategy}", *EQUIVALENCE, *EQUIVALENCE_CASES[case], f"strategy={strategy}", *shape
             )

@@ -1,5 +1,9 @@
-"""Checkpoints that survive crashes: kill the whole run and resume it, resume on a different
-number of workers, and let Ray Train restart a worker group after one worker is SIGKILLed."""
+"""Checkpoints that survive crashes: kill -9 the whole command and resume it, resume on a different
+number of workers, resume DeepSpeed's partitioned state after a stop request, and let Ray Train
+restart a worker group after one worker is SIGKILLed.
+
+Only the run that is killed needs a command of its own; references and resumptions train on the
+test session's Ray (conftest.train), through the same driver.train the command calls."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,10 +36,6 @@ def start(out: Path, *overrides: str) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-
-
-def finish(proc: subprocess.Popen, out: Path) -> None:
-    assert proc.wait(timeout=600) == 0, (out.parent / f"{out.name}.log").read_text()[-3000:]
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
@@ -73,25 +74,27 @@ def steps_logged(out: Path) -> list[int]:
     return [m["step"] for m in read_metrics(out) if "loss" in m]
 
 
-# zero3 trains with dropout, so the resumed RNG states must be the saved ones; fsdp without, so
-# that its checkpoint resumed on one worker (other dropout streams) can be compared too.
-@pytest.mark.parametrize("strategy,dropout", [("fsdp", 0.0), ("zero3", 0.1)])
-def test_killed_run_resumes_to_the_same_adapter(tmp_path, demo_model, ray_local, strategy, dropout):
-    # 20 steps, the kill lands right after step 5 is committed: long before the run could end.
-    extra = [
-        f"strategy={strategy}",
-        "optim=paged_adamw_32bit",
-        f"adapter.dropout={dropout}",
-        "trainer.max_steps=20",
-        "trainer.save_every=5",
-    ]
-    train(tmp_path / "whole", "data.eval_fraction=0", *extra)  # the reference, uninterrupted, on the session's Ray
+def assert_same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:  # CPU kernels and the 2-rank gloo sum are deterministic: bit for bit
+        assert torch.equal(a[k], b[k]), k
 
+
+RESUMABLE = ["optim=paged_adamw_32bit", "trainer.max_steps=20", "trainer.save_every=5", "data.eval_fraction=0"]
+
+
+def test_killed_run_resumes_to_the_same_adapter(tmp_path, demo_model, ray_local):
+    extra = ["strategy=fsdp", "adapter.dropout=0", *RESUMABLE]
+    whole = train(tmp_path / "whole", *extra)  # the reference, uninterrupted
+
+    # 20 steps, the kill lands right after step 5 is committed: long before the run could end.
     out = tmp_path / "killed"
     proc = start(out, *extra)
-    wait_for(out / "checkpoints" / "step-5" / "COMMITTED", proc)
+    step5 = out / "checkpoints" / "step-5"
+    wait_for(step5 / "COMMITTED", proc)
     kill_session(proc)
     assert not (out / "adapter").exists()
+    committed_at = (step5 / "COMMITTED").stat().st_mtime_ns
     # What a kill during a later save leaves on disk: a staging dir, and a step dir whose marker
     # was never written. Neither may be used.
     for torn in (out / "checkpoints" / ".step-15.tmp", out / "checkpoints" / "step-15"):
@@ -99,55 +102,82 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, demo_model, ray_local,
         (torn / "adapter").mkdir(parents=True)
         (torn / "adapter" / "adapter_model.safetensors").write_bytes(b"torn")
 
-    resumed = start(out, *extra)  # the same command again
-    finish(resumed, out)
-    log = (tmp_path / "killed.log").read_text()
-    assert f"resuming from {out / 'checkpoints' / 'step-5'} at step 5" in log
-    assert "removed incomplete checkpoint" in log
-    a, b = adapter(tmp_path / "whole"), adapter(out)
-    assert a.keys() == b.keys()
-    for k in a:  # CPU kernels and the 2-rank gloo sum are deterministic: bit for bit
-        assert torch.equal(a[k], b[k]), k
+    train(out, *extra)  # the same config again
+    # It resumed from step-5 (a run started over would refuse to overwrite that committed step), and
+    # the torn directories were cleaned up, not used.
+    assert (step5 / "COMMITTED").stat().st_mtime_ns == committed_at
+    assert not (out / "checkpoints" / ".step-15.tmp").exists()
+    assert (out / "checkpoints" / "step-15" / "adapter" / "adapter_model.safetensors").read_bytes() != b"torn"
+    assert_same_bits(adapter(whole), adapter(out))
     assert steps_logged(out) == list(range(1, 21))
 
-    if strategy == "fsdp":
-        # The same checkpoint resumed on 1 worker (micro batch doubled: same global batch).
-        one = train(
-            tmp_path / "one-worker",
-            "data.eval_fraction=0",
-            *extra,
-            f"resume={out / 'checkpoints' / 'step-5'}",
-            "cluster.num_workers=1",
-            "strategy=single",
-            "trainer.micro_batch_size=8",
-        )
-        # ...and the reverse: that 1-worker run's step-10 checkpoint resumed on 2 workers.
-        two = train(
-            tmp_path / "two-workers", "data.eval_fraction=0", *extra, f"resume={one / 'checkpoints' / 'step-10'}"
-        )
-        for resharded in (adapter(one), adapter(two)):
-            for k in a:  # one process sums the batch in another order: equal to rounding
-                torch.testing.assert_close(resharded[k], a[k], rtol=1e-5, atol=1e-7)
+    # The same checkpoint resumed on 1 worker (micro batch doubled: same global batch)...
+    one = train(
+        tmp_path / "one-worker",
+        *extra,
+        f"resume={step5}",
+        "cluster.num_workers=1",
+        "strategy=single",
+        "trainer.micro_batch_size=8",
+    )
+    # ...and the reverse: that 1-worker run's step-10 checkpoint resumed on 2 workers.
+    two = train(tmp_path / "two-workers", *extra, f"resume={one / 'checkpoints' / 'step-10'}")
+    for resharded in (adapter(one), adapter(two)):
+        for k, v in adapter(whole).items():  # one process sums the batch in another order: equal to rounding
+            torch.testing.assert_close(resharded[k], v, rtol=1e-5, atol=1e-7)
 
 
-def test_different_run_in_same_output_dir_is_refused(tmp_path, demo_model, ray_local):
-    out = train(tmp_path / "run", "data.eval_fraction=0", "trainer.max_steps=5", "trainer.save_every=5")
-    before = {p: p.stat().st_mtime for p in out.rglob("*") if p.is_file()}
-    proc = cli("train", *COMMON, f"output_dir={out}", "adapter.r=4")
+def test_deepspeed_state_and_rng_resume_to_the_same_adapter(tmp_path, demo_model, ray_local):
+    """zero3 with dropout: DeepSpeed's partitioned optimizer state and every rank's RNG stream
+    must come back exactly. The run is stopped the way Slurm's warning stops it (a stop request
+    from this incarnation of the run), so it commits a checkpoint at a step boundary and ends."""
+    from orchestrator.driver import Preempted
+    from orchestrator.rundir import RunDir
+
+    extra = ["strategy=zero3", "adapter.dropout=0.1", *RESUMABLE]
+    whole = train(tmp_path / "whole", *extra)
+
+    out = tmp_path / "stopped"
+    out.mkdir()
+    RunDir(out).request_stop()
+    with pytest.raises(Preempted):
+        train(out, *extra)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"] and not (out / "adapter").exists()
+    RunDir(out).stop_request.unlink()  # what a requeued job, a new incarnation, does with it
+    train(out, *extra)
+    assert_same_bits(adapter(whole), adapter(out))
+    assert steps_logged(out) == list(range(1, 21))
+
+
+def test_different_run_in_same_output_dir_is_refused(demo_run, tmp_path):
+    before = {p: p.stat().st_mtime for p in demo_run.rglob("*") if p.is_file()}
+    proc = cli("train", "experiment=demo", f"output_dir={demo_run}", "adapter.r=4", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 1 and "adapter.r: 16 -> 4" in proc.stderr, proc.stderr
-    assert {p: p.stat().st_mtime for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+    assert {p: p.stat().st_mtime for p in demo_run.rglob("*") if p.is_file()} == before  # nothing touched
 
 
-def test_worker_killed_mid_run_is_restarted_from_checkpoint(tmp_path, demo_root):
+def test_worker_killed_mid_run_is_restarted_from_checkpoint(tmp_path, demo_model, ray_local):
     out = tmp_path / "crash"
-    proc = start(out, "trainer.max_steps=12", "trainer.save_every=3", "cluster.max_failures=1")
-    wait_for(out / "checkpoints" / "step-3" / "COMMITTED", proc)
-    workers = [
-        p for p in psutil.Process(proc.pid).children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())
-    ]
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            train(out, "data.eval_fraction=0", "trainer.max_steps=12", "trainer.save_every=3", "cluster.max_failures=1")
+        except BaseException as e:  # noqa: BLE001 - reported by the test below
+            failed.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 600
+    while not (out / "checkpoints" / "step-3" / "COMMITTED").exists():
+        assert thread.is_alive() and time.time() < deadline, f"no step-3 checkpoint: {failed}"
+        time.sleep(0.05)
+    workers = [p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
     assert workers, "no Ray Train worker process found"
     workers[-1].send_signal(signal.SIGKILL)
-    finish(proc, out)
-    assert "resuming from" in (tmp_path / "crash.log").read_text()  # the restarted group used step-3 or later
-    assert steps_logged(out) == list(range(1, 13))  # no step missing or twice
+    thread.join(timeout=600)
+    assert not failed, failed
+    # The restarted group resumed from a committed step (one started over would refuse to overwrite
+    # step-3), and logged every step once.
+    assert steps_logged(out) == list(range(1, 13))
     assert (out / "adapter" / "COMMITTED").is_file()

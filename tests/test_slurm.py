@@ -247,6 +247,8 @@ def test_sweep_runs_in_parallel_as_slurm_jobs(slurm_cluster, tmp_path):
         f"storage_path={storage}",
         "name=sweep",
         "tracking=none",
+        "strategy=single",  # one worker per job: what is tested is that the jobs run side by side
+        "cluster.num_workers=1",
         "trainer.max_steps=3",
         "trainer.save_every=0",
         "adapter.r=4,8",

@@ -15,7 +15,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import read_metrics, train
+from conftest import ONE_PROCESS, read_metrics, train
 
 from orchestrator.rundir import RunDir
 
@@ -78,6 +78,7 @@ def test_offline_run_holds_metrics_group_config_and_resumes_the_same_id(tmp_path
         "trainer.max_steps=4",
         "trainer.save_every=2",
         "trainer.eval_every=2",
+        *ONE_PROCESS,  # what is tested is the tracker, which only rank 0 has
     ]
     train(out, *args)
     run_id = RunDir(out).wandb_id.read_text().strip()
