@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cli, read_metrics, wait_until
+from conftest import cli, read_metrics, train, wait_until
+from orchestrator.launch.slurm import show
 from safetensors.torch import load_file
 
 from orchestrator.packaged import packaged
@@ -136,8 +137,6 @@ def submit(env, cwd: Path, storage: Path, name: str, *overrides: str, timeout: f
 
 def slurm_job(result) -> dict:
     line = next(x for x in result.stdout.splitlines() if x.startswith("submitted slurm job "))
-    from orchestrator.launch.slurm import show
-
     return show(line.split()[3])
 
 
@@ -146,66 +145,48 @@ STEPS = ("trainer.max_steps=100", "trainer.save_every=50", "trainer.log_every=1"
 NAME = "demo $(touch pwned) 'q' \"dq\""
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(slurm_cluster, tmp_path_factory):
-    """The demo through sbatch on both nodes, with a run name and storage path that try shell injection."""
-    tmp = tmp_path_factory.mktemp("slurm-e2e")
-    storage = tmp / "storage $(touch pwned) 'x'"
-    r = submit(slurm_cluster, tmp, storage, NAME, *STEPS, "cluster.slurm.nodes=2")
-    return tmp, storage / NAME, r
-
-
 @pytest.mark.cluster
-def test_demo_through_sbatch_on_two_nodes_completes_without_injection_or_leaked_secrets(uninterrupted, slurm_cluster):
-    tmp, run_dir, r = uninterrupted
-    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
-    assert (run_dir / "adapter" / "COMMITTED").is_file()
-    assert [m["step"] for m in read_metrics(run_dir) if "loss" in m] == list(range(1, 101))
-    job = slurm_job(r)
-    assert (
-        job["JobState"] == "COMPLETED" and job["Restarts"] == "0" and job["JobName"] == NAME
-    )  # a finished job is not requeued
-    assert job["NodeList"] == "node[1-2]" and "on node1 node2" in r.stdout
-    # Each Ray node offers one CPU, so the two one-CPU workers can only run on both nodes at once.
-    assert re.search(r"Ray cluster of 2 node\(s\) \([\d.]+: CPU=1; [\d.]+: CPU=1\) holds 2 workers", r.stdout)
-    assert "trainable params" in r.stdout  # the job's log followed on the terminal
-    assert "credentials in the worker environment: HF_TOKEN" in r.stdout  # the secret did arrive
-    assert not list(tmp.rglob("pwned")) and not Path("pwned").exists()
-    written = [p for p in tmp.rglob("*") if p.is_file()] + list(
-        Path(slurm_cluster["ORCHESTRATOR_HOME"]).rglob("*.json")
-    )
-    assert any(p.suffix == ".sbatch" for p in written) and any(p.name.startswith("slurm-") for p in written)
-    assert [p for p in written if SECRET.encode() in p.read_bytes()] == []
-    status = cli("jobs", "status", job["JobId"], env=slurm_cluster)
-    assert status.returncode == 0 and f"{job['JobId']} COMPLETED" in status.stdout
-
-
-@pytest.mark.cluster
-def test_preemption_signal_checkpoints_requeues_and_resumes_to_the_same_adapter(uninterrupted, slurm_cluster, tmp_path):
-    storage = tmp_path / "storage"
-    r = submit(slurm_cluster, tmp_path, storage, "preempted", *STEPS, "cluster.detach=true")
+def test_preempted_demo_on_two_nodes_requeues_and_resumes_to_the_same_adapter(slurm_cluster, ray_local, tmp_path):
+    """The demo through sbatch on both nodes, under a run name and storage path that try shell
+    injection, with a secret in the environment: Slurm's preemption warning makes it commit a
+    checkpoint, requeue and resume, and it ends with the adapter of an uninterrupted run."""
+    reference = train(tmp_path / "reference", *STEPS[:1], "trainer.save_every=0")  # 2 workers, as the job
+    storage = tmp_path / "storage $(touch pwned) 'x'"
+    r = submit(slurm_cluster, tmp_path, storage, NAME, *STEPS, "cluster.slurm.nodes=2", "cluster.detach=true")
     assert r.returncode == 0, r.stderr[-3000:]
     job_id = slurm_job(r)["JobId"]
-    run_dir = storage / "preempted"
+    run_dir = storage / NAME
     wait_until(
         lambda: (run_dir / "metrics.jsonl").is_file() and len(read_metrics(run_dir)) >= 3, 300, "training to start"
     )
     # What Slurm sends before a preemption or the time limit (--signal=B:USR1), sent now.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
-    done = cli("jobs", "logs", job_id, "--follow", env=slurm_cluster, timeout=600)
-    log = done.stdout
+    log = cli("jobs", "logs", job_id, "--follow", env=slurm_cluster, timeout=600).stdout
     assert "received SIGUSR1: checkpointing at the next step boundary" in log  # the driver got it
     stopped = int(log.split("preemption requested: committed step-")[1].split(",")[0])
     assert 3 <= stopped < 100
     assert "checkpoint committed; requeueing job" in log and "(restart 1)" in log
     assert f"resuming from {run_dir}/checkpoints/step-{stopped} at step {stopped}" in log
-    info = cli("jobs", "status", job_id, env=slurm_cluster).stdout
-    assert "COMPLETED" in info and "Restarts=1" in info
+    job = show(job_id)
+    # Requeued once, then finished; a job that ends normally is not requeued again.
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1" and job["JobName"] == NAME
+    info = cli("jobs", "status", job_id, env=slurm_cluster)
+    assert info.returncode == 0 and f"{job_id} COMPLETED" in info.stdout and "Restarts=1" in info.stdout
     assert [m["step"] for m in read_metrics(run_dir) if "loss" in m] == list(range(1, 101))
-    _, reference, _ = uninterrupted  # 2 workers too, one per node
     a = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     b = load_file(reference / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+    assert job["NodeList"] == "node[1-2]" and "on node1 node2" in log
+    # Each Ray node offers one CPU, so the two one-CPU workers can only run on both nodes at once.
+    assert re.search(r"Ray cluster of 2 node\(s\) \([\d.]+: CPU=1; [\d.]+: CPU=1\) holds 2 workers", log)
+    assert "trainable params" in log and "credentials in the worker environment: HF_TOKEN" in log  # the secret arrived
+    assert not list(tmp_path.rglob("pwned")) and not Path("pwned").exists()
+    written = [p for p in tmp_path.rglob("*") if p.is_file()] + list(
+        Path(slurm_cluster["ORCHESTRATOR_HOME"]).rglob("*.json")
+    )
+    assert any(p.suffix == ".sbatch" for p in written) and any(p.name.startswith("slurm-") for p in written)
+    assert [p for p in written if SECRET.encode() in p.read_bytes()] == []
 
 
 @pytest.mark.cluster
@@ -258,8 +239,6 @@ def test_sweep_runs_in_parallel_as_slurm_jobs(slurm_cluster, tmp_path):
         timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
-    from orchestrator.launch.slurm import show
-
     jobs = [show(line.split()[3]) for line in r.stdout.splitlines() if line.startswith("submitted slurm job ")]
     assert len(jobs) == 2 and all(j["JobState"] == "COMPLETED" for j in jobs)
     assert max(j["StartTime"] for j in jobs) < min(j["EndTime"] for j in jobs)  # both ran at once (ISO times)

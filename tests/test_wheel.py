@@ -74,15 +74,15 @@ def wheel(tmp_path_factory) -> dict:
 def run(wheel: dict, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python ARGS` in a directory outside the repository, with the wheel's copy of the package
     ahead of the editable install on sys.path."""
-    env = {k: v for k, v in os.environ.items() if k != "ORCHESTRATOR_CONF_DIR"}
-    env.update(
-        PYTHONPATH=str(wheel["site"]),
-        ORCHESTRATOR_DEMO_DIR=str(wheel["tmp"] / "demo"),
-        WANDB_MODE="offline",
-        WANDB_SILENT="true",
-        ORCHESTRATOR_HOME=str(wheel["tmp"] / "home"),
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "ORCHESTRATOR_CONF_DIR"},
+        "PYTHONPATH": str(wheel["site"]),
+        "ORCHESTRATOR_DEMO_DIR": str(wheel["tmp"] / "demo"),
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "ORCHESTRATOR_HOME": str(wheel["tmp"] / "home"),
         **(env or {}),
-    )
+    }
     return subprocess.run(
         [sys.executable, *args], cwd=wheel["work"], capture_output=True, text=True, timeout=timeout, env=env
     )
