@@ -109,6 +109,8 @@ class TrainCommand:
             return None
         except (ConfigError, RunFailed, FileExistsError) as e:
             if not _multirun():
+                if isinstance(e, ConfigError):
+                    _discard_hydra_dir()
                 _fail(str(e), 2 if isinstance(e, ConfigError) else 1)
             log.error("error: %s", e)
             self.failed.append(f"{cfg.get('output_dir', '?')}: {str(e).splitlines()[0]}")
@@ -209,6 +211,29 @@ def _multirun() -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _discard_hydra_dir() -> None:
+    """A run that fails validation leaves nothing behind. Hydra made its run directory (its .hydra/
+    and the job log) before any check could run; remove it, and the parents Hydra created, as long
+    as they hold nothing else. (A multirun keeps them: the sweep report reads each run's error there.)"""
+    import shutil
+
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    if not out.is_dir() or any(p.name not in (".hydra", f"{hc.job.name}.log") for p in out.iterdir()):
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    cwd = Path.cwd().resolve()
+    for parent in out.resolve().parents:
+        if parent == cwd or not parent.is_relative_to(cwd):
+            break
+        try:
+            parent.rmdir()  # only if empty
+        except OSError:
+            break
 
 
 def _final_eval_loss(rundir: RunDir) -> float | None:

@@ -264,11 +264,12 @@ def test_cli_reports_all_problems_before_any_worker_starts(tmp_path, demo_root):
     assert r.returncode == 2, r.stderr
     assert "quant=nf5: no such option" in r.stderr and "adapter.r: must be a positive integer, got -1" in r.stderr
     assert "Traceback" not in r.stderr
-    assert not out.exists(), "nothing may be written or started for an invalid config"
+    # Nothing is written or started for an invalid config, not even Hydra's outputs/<date>/<time>.
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))
 
     r = cli("train", "experiment=demo", f"output_dir={out}", "adapter.r=-1", "trainer.micro_batch_size=0", cwd=tmp_path)
     assert r.returncode == 2 and "adapter.r: must be a positive integer, got -1" in r.stderr
-    assert "trainer.micro_batch_size: must be >= 1" in r.stderr and not out.exists()
+    assert "trainer.micro_batch_size: must be >= 1" in r.stderr and list(tmp_path.iterdir()) == []
 
 
 def test_cli_names_bad_data_rows(tmp_path, demo_root):
