@@ -131,23 +131,26 @@ EQUIVALENCE_CASES = {
 }
 
 
+def equivalence_overrides(case: str, strategy: str) -> list[str]:
+    """The overrides of an equivalence run: single runs 1 worker with micro batch 8, the others 2
+    workers with 4. The fsdp run of fp32-nf4 also recomputes activations (gradient checkpointing
+    over the frozen 4-bit base), which must not change the numbers."""
+    shape = ONE_PROCESS if strategy == "single" else ["cluster.num_workers=2", "trainer.micro_batch_size=4"]
+    if (case, strategy) == ("fp32-nf4", "fsdp"):
+        shape = [*shape, "model.gradient_checkpointing=true"]
+    return [*EQUIVALENCE, *EQUIVALENCE_CASES[case], f"strategy={strategy}", *shape]
+
+
 @pytest.fixture(scope="session")
 def equivalence_run(demo_model, ray_local, tmp_path_factory):
     """equivalence_run(case, strategy) -> output dir, trained on first use and shared by the tests
-    of every strategy. single runs 1 worker with micro batch 8, the others 2 workers with 4. The
-    fsdp run of fp32-nf4 also recomputes activations (gradient checkpointing over the frozen 4-bit
-    base), which must not change the numbers."""
+    of every strategy (and by the resume tests, as their uninterrupted reference)."""
     root = tmp_path_factory.mktemp("equivalence")
     done: dict[tuple[str, str], Path] = {}
 
     def get(case: str, strategy: str) -> Path:
         if (case, strategy) not in done:
-            shape = ONE_PROCESS if strategy == "single" else ["cluster.num_workers=2", "trainer.micro_batch_size=4"]
-            if (case, strategy) == ("fp32-nf4", "fsdp"):
-                shape = [*shape, "model.gradient_checkpointing=true"]
-            done[case, strategy] = train(
-                root / f"{case}-{strategy}", *EQUIVALENCE, *EQUIVALENCE_CASES[case], f"strategy={strategy}", *shape
-            )
+            done[case, strategy] = train(root / f"{case}-{strategy}", *equivalence_overrides(case, strategy))
         return done[case, strategy]
 
     return get
