@@ -41,12 +41,60 @@ def record_job(job_id: str, kind: str, **info) -> dict:
     return job
 
 
-def load_job(job_id: str) -> dict:
-    """The recorded job, or a best guess for one submitted elsewhere: Slurm ids are numbers."""
+class UnknownJob(LookupError):
+    """`orchestrator jobs` was given an id no job index entry (nor Slurm) knows."""
+
+
+# `scontrol show job` answers at once when slurmctld is up; an unreachable controller makes it retry
+# for ~20 s, which is no answer either.
+SCONTROL_TIMEOUT_S = 2.0
+
+
+def load_job(job_id: str, address: str | None = None) -> dict:
+    """The job recorded in the job index at submission. An id it lacks is a Ray job only with an
+    explicit `address`, or a Slurm job only if Slurm itself knows it; otherwise UnknownJob."""
     path = jobs_dir() / f"{_safe(job_id)}.json"
     if path.is_file():
-        return json.loads(path.read_text())
-    return {"id": job_id, "kind": "slurm" if job_id.isdigit() else "ray"}
+        try:
+            job = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise UnknownJob(f"job {job_id}: its record {path} cannot be read ({e})") from None
+        if isinstance(job, dict) and job.get("id") and job.get("kind"):
+            return job
+        raise UnknownJob(f"job {job_id}: its record {path} is garbled (no id and kind)")
+    where = f"no job {job_id!r} in the job index {jobs_dir()}, where the jobs submitted from here are recorded"
+    if address:
+        return {"id": job_id, "kind": "ray", "address": address}
+    if job_id.isdigit():
+        known = _slurm_knows(job_id)
+        if known is True:
+            return {"id": job_id, "kind": "slurm"}
+        raise UnknownJob(f"{where}; {known}")
+    raise UnknownJob(f"{where}; for a Ray job submitted from elsewhere, give --address")
+
+
+def _slurm_knows(job_id: str) -> bool | str:
+    """True if `scontrol show job` knows the id, else why it cannot say or a reason it does not."""
+    import shutil
+    import subprocess
+
+    if shutil.which("scontrol") is None:
+        return "scontrol is not on PATH to ask Slurm about it"
+    try:
+        r = subprocess.run(
+            ["scontrol", "show", "job", "--oneliner", job_id],
+            capture_output=True,
+            text=True,
+            timeout=SCONTROL_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        return f"Slurm did not answer `scontrol show job {job_id}` within {SCONTROL_TIMEOUT_S:g} s"
+    except OSError as e:
+        return f"scontrol cannot be run ({e})"
+    if r.returncode == 0 and r.stdout.strip():
+        return True
+    said = (r.stderr or r.stdout).strip().splitlines()
+    return f"Slurm does not know it either ({said[-1]})" if said else "Slurm does not know it either"
 
 
 def _safe(name: str) -> str:

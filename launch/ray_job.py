@@ -141,14 +141,25 @@ def _job_client(job: dict):
     return client(_address(address=job.get("address")))
 
 
+def _ask(job: dict, call: str):
+    """The Jobs API's answer about this job; its refusal (an unknown id, say) as SubmitError."""
+    c = _job_client(job)
+    try:
+        return getattr(c, call)(job["id"])
+    except Exception as e:  # noqa: BLE001 - the cluster's own words
+        raise SubmitError(
+            f"Ray job {job['id']} at {job.get('address') or os.environ.get('RAY_ADDRESS')}: {e}"
+        ) from None
+
+
 def status(job: dict) -> tuple[str, str]:
-    info = _job_client(job).get_job_info(job["id"])
+    info = _ask(job, "get_job_info")
     return _state(info.status), info.message or ""
 
 
 def logs(job: dict) -> None:
-    sys.stdout.write(_job_client(job).get_job_logs(job["id"]))
+    sys.stdout.write(_ask(job, "get_job_logs"))
 
 
 def stop(job: dict) -> None:
-    _job_client(job).stop_job(job["id"])
+    _ask(job, "stop_job")

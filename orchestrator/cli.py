@@ -289,10 +289,12 @@ def train(argv: list[str]) -> None:
 
 
 def merge_command(args: argparse.Namespace) -> None:
-    from orchestrator.merge import MergeError, merge
+    from orchestrator.merge import BadInput, MergeError, merge
 
     try:
         out = merge(args.adapter, args.output, args.base, args.dtype)
+    except BadInput as e:
+        _fail(f"merge: {e}")
     except (MergeError, FileExistsError) as e:
         _fail(str(e), 1)
     print(f"merged model written to {out}")
@@ -301,7 +303,10 @@ def merge_command(args: argparse.Namespace) -> None:
 def jobs_command(args: argparse.Namespace) -> None:
     from orchestrator import launch
 
-    job = launch.load_job(args.job_id)
+    try:
+        job = launch.load_job(args.job_id, args.address)
+    except launch.UnknownJob as e:
+        _fail(f"jobs {args.action}: {e}")
     if args.address:
         job["address"] = args.address
     target = launch.target(job["kind"])
@@ -331,7 +336,17 @@ def run_command(args: argparse.Namespace) -> None:
     if not args.config.is_file():
         _fail(f"run: {args.config} does not exist")
     try:
-        run = to_typed(OmegaConf.to_container(OmegaConf.load(args.config)), RunConfig)
+        composed = OmegaConf.to_container(OmegaConf.load(args.config))
+    except Exception as e:  # noqa: BLE001 - YAML and OmegaConf errors alike: the file is not a composed config
+        _fail(
+            f"run: {args.config} is not a composed config (from `train --cfg job`): {' '.join(str(e).split()) or type(e).__name__}"
+        )
+    if not isinstance(composed, dict):
+        _fail(
+            f"run: {args.config} is not a composed config (from `train --cfg job`): a {type(composed).__name__}, not a mapping"
+        )
+    try:
+        run = to_typed(composed, RunConfig)
         demo.localise(run)
         on_cluster = run.cluster.kind != "local"
         validate(run, on_cluster=on_cluster)

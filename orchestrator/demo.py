@@ -195,15 +195,23 @@ def localise(run: RunConfig) -> None:
     demo paths; only paths that look like the demo's and do not exist here are replaced."""
     model = Path(run.model.path)
     if model == demo_dir() / "tiny-llama" or (
-        model.name == "tiny-llama" and model.parent.name == "demo" and not model.exists()
+        model.name == "tiny-llama" and model.parent.name == "demo" and not _exists(model)
     ):
         run.model.path = str(ensure_demo_assets())
     for field in ("path", "eval_path"):
         value = getattr(run.data, field)
-        if value and not Path(value).exists() and Path(value).parent.name == "assets":
+        if value and not _exists(Path(value)) and Path(value).parent.name == "assets":
             shipped = ASSETS / Path(value).name
             if shipped in (DEMO_DATA, DEMO_CHAT_DATA):
                 setattr(run.data, field, str(shipped))
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists() that says False for a path no file can have (too long, a NUL byte): validation names those."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 # --- data generators -------------------------------------------------------------------------

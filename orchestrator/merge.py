@@ -20,6 +20,72 @@ class MergeError(RuntimeError):
     pass
 
 
+class BadInput(MergeError):
+    """The adapter or the base given to merge is missing, truncated or garbled (exit code 2)."""
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _json_object(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise BadInput(f"{path} is missing: {what}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise BadInput(f"{path}: cannot be read ({e.strerror or e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise BadInput(f"{path}: garbled or truncated, not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{path}: garbled: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def check_adapter(adapter: Path) -> dict:
+    """The adapter's manifest, after checking (from headers only) that every file merge reads is
+    there and whole; BadInput names the first that is not."""
+    from orchestrator.weights import WeightsError, safetensors_header
+
+    adapter = Path(adapter)
+    if not adapter.is_dir():
+        raise BadInput(
+            f"{adapter} {'is not a directory' if adapter.exists() else 'does not exist'}: expected an "
+            "adapter directory (<run>/adapter or a step checkpoint's adapter/)"
+        )
+    manifest = _json_object(adapter / MANIFEST, "not an adapter written by orchestrator, or an incomplete copy")
+    fp = manifest.get("base_fingerprint")
+    parts = fp.get("parts") if isinstance(fp, dict) else None
+    if (
+        not isinstance(manifest.get("base_model_path"), str)
+        or not isinstance(parts, dict)
+        or not all(isinstance(parts.get(k), str) for k in ("config", "tokenizer", "weights"))
+    ):
+        raise BadInput(
+            f"{adapter / MANIFEST}: garbled: expected base_model_path and base_fingerprint.parts "
+            "(config, tokenizer, weights)"
+        )
+    config = _json_object(adapter / ADAPTER_CONFIG, "PEFT's adapter configuration")
+    if not config.get("r") or not config.get("target_modules"):
+        raise BadInput(f"{adapter / ADAPTER_CONFIG}: garbled: no r or target_modules")
+    if not (adapter / ADAPTER_WEIGHTS).is_file():
+        raise BadInput(f"{adapter / ADAPTER_WEIGHTS} is missing: the adapter's weights")
+    try:
+        safetensors_header(adapter / ADAPTER_WEIGHTS)
+    except WeightsError as e:
+        raise BadInput(str(e)) from None
+    return manifest
+
+
+def check_base(base: Path) -> None:
+    from orchestrator.weights import model_weight_problems
+
+    if not (base / "config.json").is_file():
+        raise BadInput(f"base {base} is not a Hugging Face model directory (no config.json)")
+    problems = model_weight_problems(base)
+    if problems:
+        raise BadInput("base " + "; ".join(problems))
+
+
 def merge(adapter: Path, output: Path, base: Path | None = None, dtype: str = "bf16", shard_size: str = "2GB") -> Path:
     """Merge `adapter` into `base` (default: the base recorded in its manifest) on CPU and write
     a sharded safetensors model with its tokenizer to `output`.
@@ -32,13 +98,18 @@ def merge(adapter: Path, output: Path, base: Path | None = None, dtype: str = "b
     from safetensors.torch import load_file
 
     adapter, output = Path(adapter), Path(output)
-    manifest_file = adapter / MANIFEST
-    if not manifest_file.is_file():
-        raise MergeError(f"{adapter} has no manifest.json: not an adapter written by orchestrator")
-    manifest = json.loads(manifest_file.read_text())
+    manifest = check_adapter(adapter)
     base = Path(base or manifest["base_model_path"])
+    probe = next((q for q in [output, *output.parents] if q.exists()), None)
+    if probe is not None and not probe.is_dir():
+        raise BadInput(
+            f"output {output} is a file; give a new directory for the merged model"
+            if probe == output
+            else f"output {output} cannot be created: {probe} is a file, not a directory"
+        )
     if output.exists() and any(output.iterdir()):
         raise MergeError(f"output {output} is not empty; refusing to overwrite it")
+    check_base(base)
 
     model_cfg = ModelConfig(path=str(base), dtype=dtype)
     trained_on = manifest["base_fingerprint"]["parts"]

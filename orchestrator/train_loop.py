@@ -170,7 +170,7 @@ def run_steps(job: Job) -> bool:
         asked = torch.tensor(float(job.ckpt.dir.stop_requested()), device=d.device)
         loss_val, stop = d.all_reduce(torch.stack([loss, asked])).tolist()
         done = step + 1
-        check_step(done, loss_val, grad_norm)
+        check_step(done, loss_val, grad_norm, n_target)
         job.tracker.advance()
 
         if done % t.log_every == 0 or done == job.steps:
@@ -221,11 +221,17 @@ def _batch(examples: list[Example], pad_id: int, d: Dist) -> dict[str, torch.Ten
     return {k: v.to(d.device) for k, v in collate(examples, pad_id).items()}
 
 
-def check_step(step: int, loss: float, grad_norm: float) -> None:
+def check_step(step: int, loss: float, grad_norm: float, n_target: int | None = None) -> None:
     """The silent failures of 4-bit bases under sharding (integer storage flattened, weights not
-    gathered) show up as a loss of exactly 0 or as non-finite values: stop there, loudly."""
+    gathered) show up as a loss of exactly 0 or as non-finite values: stop there, loudly.
+    n_target: the step's target tokens; with none the loss is 0 for want of data, said as such."""
     if not math.isfinite(loss):
         raise TrainingDiverged(f"step {step}: loss is {loss}; check lr, data and the base weights")
+    if loss == 0.0 and n_target == 0:
+        raise TrainingDiverged(
+            f"step {step}: loss is 0 because the step's global batch holds no target token: truncation to "
+            "data.max_seq_len cut every response in it away; raise data.max_seq_len or shorten the prompts"
+        )
     if loss == 0.0:
         raise TrainingDiverged(
             f"step {step}: loss is exactly 0, which a language model does not reach honestly; "

@@ -174,29 +174,55 @@ def _value_problems(ov: Any, tp: Any) -> list[str]:
     return problems
 
 
+def _parse_problem(e: Exception) -> str:
+    """What Hydra's override parser objects to, in one line (its message also holds the input, a
+    caret under it and a link)."""
+    lines = [x.strip() for x in str(e).splitlines()]
+    if lines and lines[0].startswith("LexerNoViableAltException"):
+        return "a character the grammar does not accept; quote the value"
+    detail = [x for x in lines[1:] if x and not x.startswith("See ") and set(x) != {"^"}]
+    return detail[0] if detail else (lines[0] if lines else type(e).__name__)
+
+
 def check_group_overrides(overrides: Sequence[str], config_dirs: ConfigDirs = ()) -> tuple[list[str], list[str]]:
     """Split overrides into (usable, problems) so that an unknown group option or field, or a
     value of the wrong type, is reported together with every other problem instead of aborting
     composition on its own (the structured config makes Hydra check types as it composes).
     `config_dirs`: the user's config directories, whose options count too."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
 
     overrides = list(overrides)
     problems: list[str] = [f"config dir {d}: not a directory" for d in _search_dirs(config_dirs)[1:] if not d.is_dir()]
     groups = group_options(config_dirs)
-    parsed = OverridesParser.create().parse_overrides(overrides)
+    parser = OverridesParser.create()
     usable: list[str] = []
-    for text, ov in zip(overrides, parsed):
+    for text in overrides:
+        try:
+            (ov,) = parser.parse_overrides([text])
+        except HydraException as e:
+            problems.append(
+                f"{text!r}: not an override Hydra can parse ({_parse_problem(e)}); "
+                "the forms are key=value, group=option, +key=value, ~key"
+            )
+            continue
         key = ov.key_or_group
+        if not key:
+            problems.append(f"{text!r}: an override needs a key before '='")
+            continue
         if key in groups:
             if not ov.is_delete():
                 values = ov.value()
                 choices = values if isinstance(values, list) else [values]
                 if ov.is_sweep_override():
                     choices = list(ov.sweep_string_iterator())
-                bad = [c for c in choices if c is not None and str(c) not in groups[key]]
+                # Hydra takes no null for a group (~group removes one): it would abort composition.
+                bad = [c for c in choices if c is None or str(c) not in groups[key]]
                 if bad:
-                    problems.append(f"{key}={','.join(map(str, bad))}: no such option; valid: {', '.join(groups[key])}")
+                    problems.append(
+                        f"{key}={','.join('null' if c is None else str(c) for c in bad)}: no such option; "
+                        f"valid: {', '.join(groups[key])}"
+                    )
                     continue
                 missing = [
                     m
@@ -288,7 +314,7 @@ def compose(overrides: Sequence[str] | None = None, config_dirs: ConfigDirs = ()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=usable)
-    except (HydraException, OmegaConfBaseException) as e:
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
         raise ConfigError(problems + [_composition_problem(e)]) from None
     try:
         run = resolve(cfg)

@@ -7,15 +7,97 @@ are loaded.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import re
 from pathlib import Path
+from typing import Any
 
-from orchestrator.config.schema import ZERO_STAGES, RunConfig
+from orchestrator.config.schema import ZERO_STAGES, RunConfig, as_dict, flatten
 from orchestrator.config.typed import ConfigError
+
+log = logging.getLogger("orchestrator")
+
+# Fields that name files or directories, checked for a shape the filesystem can take before any
+# check looks them up (a NUL byte or a 300-character component makes every lookup raise).
+PATH_FIELDS = ("model.path", "data.path", "data.eval_path", "output_dir", "storage_path", "strategy.ds_config")
+NAME_MAX, PATH_MAX = 255, 4096
+
+
+def _get(run: RunConfig, dotted: str) -> Any:
+    value: Any = run
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def path_problem(field: str, value: str | None) -> str | None:
+    """Why `value` cannot name a file at all (None: it can, whether or not it exists)."""
+    if value is None:
+        return None
+    if not value.strip():
+        return f"{field}: is empty; give a path"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        return f"{field}: {value!r} contains control characters (a newline, a NUL byte); they cannot name a file"
+    try:
+        encoded = os.fsencode(value)
+    except UnicodeError:
+        return f"{field}: {value!r} cannot be encoded as a file name on this system"
+    if len(encoded) > PATH_MAX or any(len(part) > NAME_MAX for part in encoded.split(b"/")):
+        return (
+            f"{field}: {value[:80]!r}... is too long to name a file ({len(encoded)} bytes; at most {NAME_MAX} "
+            f"per component and {PATH_MAX} in all)"
+        )
+    return None
+
+
+def _bad_paths(run: RunConfig) -> dict[str, str]:
+    """{field: problem} of the path fields that cannot name a file."""
+    found = {f: path_problem(f, _get(run, f)) for f in PATH_FIELDS}
+    if run.storage_path and run.name and found["output_dir"]:
+        # output_dir is <storage_path>/<name>: named by the part that makes it bad
+        found["output_dir"] = (
+            found["storage_path"]
+            or path_problem("name", run.name)
+            or found["output_dir"].replace("output_dir:", "storage_path (with name):", 1)
+        )
+    if run.resume not in ("auto", "never"):
+        found["resume"] = path_problem("resume", run.resume)
+    return {f: msg for f, msg in found.items() if msg}
+
+
+INT_LIMIT = 2**63  # what torch, Ray and the C libraries underneath take
+
+
+def _unrepresentable(run: RunConfig) -> dict[str, str]:
+    """{field: problem} of the numbers no check can compare sensibly: nan or +-inf, which pass every
+    comparison or none, and integers beyond 64 bits, which fail deep inside torch or Ray."""
+    found = {}
+    for key, value in flatten(as_dict(run)).items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            found[key] = f"{key}: must be a finite number, got {value}"
+        elif any(isinstance(v, int) and not isinstance(v, bool) and abs(v) >= INT_LIMIT for v in values):
+            found[key] = f"{key}: {value} is out of range (a 64-bit integer, below 2**63)"
+    for key in ("trainer.seed", "adapter.init_seed"):
+        if key not in found and _get(run, key) < 0:
+            found[key] = f"{key}: must be >= 0, got {_get(run, key)}"
+    return found
 
 
 def _static(run: RunConfig) -> list[str]:
+    """Checks of the config alone. A field that is non-finite or cannot name a path is reported
+    once, for that reason only."""
+    own = {**_unrepresentable(run), **_bad_paths(run)}
+    return list(dict.fromkeys(own.values())) + [
+        x
+        for x in _static_checks(run, skip_resume="resume" in own)
+        if not any(x.startswith(f"{k}:") or x.startswith(f"{k}=") for k in own)
+    ]
+
+
+def _static_checks(run: RunConfig, skip_resume: bool = False) -> list[str]:
     p: list[str] = []
     a, t, d, o, c = run.adapter, run.trainer, run.data, run.optim, run.cluster
 
@@ -27,6 +109,14 @@ def _static(run: RunConfig) -> list[str]:
     need(a.alpha > 0, f"adapter.alpha: must be positive, got {a.alpha}")
     need(0 <= a.dropout < 1, f"adapter.dropout: must be in [0, 1), got {a.dropout}")
     need(bool(a.target_modules), "adapter.target_modules: must name at least one module, or 'all-linear'")
+    if isinstance(a.target_modules, str) and a.target_modules != "all-linear":
+        try:
+            re.compile(a.target_modules)
+        except re.error as e:
+            p.append(
+                f"adapter.target_modules: {a.target_modules!r} is not a regular expression ({e}); PEFT reads "
+                "a single string as one, a list as module names"
+            )
     need(t.micro_batch_size >= 1, f"trainer.micro_batch_size: must be >= 1, got {t.micro_batch_size}")
     need(t.grad_accum >= 1, f"trainer.grad_accum: must be >= 1, got {t.grad_accum}")
     need(t.lr > 0, f"trainer.lr: must be positive, got {t.lr}")
@@ -56,7 +146,7 @@ def _static(run: RunConfig) -> list[str]:
         "set cluster.num_workers=1, or use strategy=fsdp or strategy=ddp for several workers",
     )
     p.extend(_cluster_static(run))
-    if run.resume not in ("auto", "never"):
+    if run.resume not in ("auto", "never") and not skip_resume:
         from orchestrator.checkpoint import is_committed
 
         if not is_committed(Path(run.resume)):
@@ -107,7 +197,7 @@ def _cluster_static(run: RunConfig) -> list[str]:
             f"storage_path: {run.storage_path} is a URI; checkpoints are committed with POSIX renames, so give "
             "a shared filesystem path (mount a bucket with its FUSE driver to use object storage)"
         )
-    for field in ("name", "storage_path"):
+    for field in ("name",):
         if any(ord(ch) < 32 for ch in getattr(run, field) or ""):
             p.append(
                 f"{field}: {getattr(run, field)!r} contains control characters (newlines); they cannot name a directory or a job"
@@ -202,63 +292,210 @@ def _deepspeed_json(run: RunConfig) -> list[str]:
     return []
 
 
-def _model(run: RunConfig) -> list[str]:
+def _model(run: RunConfig) -> tuple[list[str], Any]:
+    """(problems, the tokenizer or None): config, architecture, adapter targets, weight files and
+    tokenizer of model.path."""
     path = Path(run.model.path)
+    if path.is_file():
+        return [
+            f"model.path: {path} is a file; expected a Hugging Face model directory (config.json, weights, tokenizer)"
+        ], None
     if not (path / "config.json").is_file():
-        return [f"model.path: {path} is not a Hugging Face model directory (no config.json)"]
+        return [f"model.path: {path} is not a Hugging Face model directory (no config.json)"], None
     from orchestrator.adapters import unmatched_targets
     from orchestrator.model import load_model_config, module_names
+    from orchestrator.weights import model_weight_problems
 
-    p = []
+    p = [f"model.path: {x}" for x in model_weight_problems(path)]
     try:
         mcfg = load_model_config(run.model)
     except Exception as e:  # noqa: BLE001 - any reason the config cannot load is reported as is
-        return [f"model.path: cannot read {path / 'config.json'}: {e}"]
+        # (AutoTokenizer reads config.json too: its failure would only repeat this one.)
+        return p + [f"model.path: cannot read {path / 'config.json'}: {_first_line(e)}"], None
+    tokenizer, problems = _tokenizer(run)
+    p += problems
     ctx = getattr(mcfg, "max_position_embeddings", None)
     if ctx and run.data.max_seq_len > ctx:
         p.append(f"data.max_seq_len: {run.data.max_seq_len} exceeds the model's context of {ctx} tokens ({path})")
+    widest = max((getattr(mcfg, a, 0) or 0 for a in ("hidden_size", "intermediate_size")), default=0)
+    if isinstance(widest, int) and widest and run.adapter.r > widest:
+        p.append(
+            f"adapter.r: {run.adapter.r} exceeds the width of the model's widest layer ({widest}, {path}); "
+            "a LoRA rank above a layer's width adds nothing but memory"
+        )
     try:
         names = module_names(mcfg, run.model)
     except Exception as e:  # noqa: BLE001
-        return p + [f"model.path: {path} is not a causal language model transformers can build: {e}"]
-    bad = unmatched_targets(run.adapter.target_modules, names)
+        return p + [
+            f"model.path: {path} is not a causal language model transformers can build: {_first_line(e)}"
+        ], tokenizer
+    try:
+        bad = unmatched_targets(run.adapter.target_modules, names)
+    except re.error:
+        bad = []  # reported by the static checks
     if bad:
         linear = sorted({n.rsplit(".", 1)[-1] for n, kind in names.items() if kind == "Linear"})
         p.append(
             f"adapter.target_modules: {', '.join(bad)} match no module of {mcfg.model_type}; "
             f"linear modules there: {', '.join(linear)} (or use all-linear)"
         )
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        p.append(f"model.path: {path} has no tokenizer files (tokenizer.json or tokenizer_config.json)")
-    return p
+    return p, tokenizer
 
 
-def _data(run: RunConfig) -> list[str]:
-    from orchestrator.data.formats import DataError, read_rows
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
-    p = []
+
+# Tokenizers loaded by validation, by directory and the state of its files: a sweep or a test
+# validating many runs of one model loads it once.
+_TOKENIZERS: dict[tuple, Any] = {}
+
+
+def _tokenizer(run: RunConfig) -> tuple[Any, list[str]]:
+    """(tokenizer, []) as the workers will load it, or (None, [why it cannot be loaded, naming the file])."""
+    import json
+
+    from orchestrator.model import TOKENIZER_FILES, load_tokenizer
+
+    path = Path(run.model.path)
+    present = [f for f in TOKENIZER_FILES if (path / f).is_file()]
+    if not any(f in present for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None, [f"model.path: {path} has no tokenizer files (tokenizer.json or tokenizer_config.json)"]
+    stats = tuple((f, (path / f).stat().st_mtime_ns, (path / f).stat().st_size) for f in present)
+    key = (str(path.resolve()), run.model.trust_remote_code, stats)
+    if key in _TOKENIZERS:
+        return _TOKENIZERS[key], []
+    try:
+        tokenizer = load_tokenizer(run.model)
+    except Exception as e:  # noqa: BLE001 - reported with what is wrong in the directory
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if name in present:
+                try:
+                    json.loads((path / name).read_text(encoding="utf-8"))
+                except (OSError, UnicodeDecodeError, ValueError, RecursionError) as bad:
+                    return None, [
+                        f"model.path: {path / name} is garbled or truncated (not JSON: {bad}); "
+                        "copy or download it again"
+                    ]
+        missing = "" if "tokenizer.json" in present else f"; {path / 'tokenizer.json'} is missing"
+        return None, [f"model.path: the tokenizer in {path} cannot be loaded{missing} ({_first_line(e)})"]
+    if isinstance(getattr(tokenizer, "deprecation_warnings", None), dict):
+        # Rows are truncated to max_seq_len: "longer than the specified maximum" says nothing here.
+        tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    if len(_TOKENIZERS) >= 4:
+        _TOKENIZERS.clear()
+    _TOKENIZERS[key] = tokenizer
+    return tokenizer, []
+
+
+SHOWN = 3  # lines named per kind of finding
+
+
+def _data(run: RunConfig, tokenizer: Any = None) -> list[str]:
+    """Every row of the data files read once: checked, and, with the tokenizer, encoded as the
+    workers will encode it, counting the rows that truncation leaves without a target token."""
+    from orchestrator.data.formats import MAX_REPORTED, DataError, iter_rows, row_byte_cap
+    from orchestrator.data.tokenize import encode_row, row_targets
+
+    d = run.data
+    p: list[str] = []
+    max_len = d.max_seq_len
+    count = tokenizer is not None and max_len >= 8  # a smaller one is reported on its own
+    if count and d.format == "chat" and not getattr(tokenizer, "chat_template", None):
+        p.append(
+            f"data.format=chat: the tokenizer in model.path={run.model.path} has no chat template "
+            "(chat_template.jinja or tokenizer_config.json's chat_template) to render the messages with"
+        )
+        count = False
+    cap = row_byte_cap(min(max(max_len, 0), 1 << 24))
     n_rows = None
-    for field, path in (("data.path", run.data.path), ("data.eval_path", run.data.eval_path)):
+    for field, path in (("data.path", d.path), ("data.eval_path", d.eval_path)):
         if path is None:
             continue
+        n, targetless = 0, []
+        failed: dict[str, list[int]] = {}  # why a row cannot be encoded -> its lines
         try:
-            rows = read_rows(path, run.data.format)
+            for lineno, row in iter_rows(path, d.format, cap):
+                n += 1
+                if not count:
+                    continue
+                try:
+                    _, labels = encode_row(row, d.format, tokenizer, max_len)
+                except Exception as e:  # noqa: BLE001 - a row the workers could not encode either
+                    failed.setdefault(_first_line(e), []).append(lineno)
+                    continue
+                if not row_targets(labels):
+                    targetless.append(lineno)
         except DataError as e:
             p.extend(f"{field}: {x}" for x in e.problems)
+            if e.total and e.total > len(e.problems):
+                p.append(f"{field}: {path}: ... and {e.total - len(e.problems)} more bad lines")
             continue
+        for why, lines in list(failed.items())[:MAX_REPORTED]:
+            also = (
+                (
+                    f" (the same for {len(lines) - 1} more rows: "
+                    + ", ".join(f"{path}:{x}" for x in lines[1 : 1 + SHOWN])
+                    + (", ...)" if len(lines) > 1 + SHOWN else ")")
+                )
+                if len(lines) > 1
+                else ""
+            )
+            whose = f"the tokenizer in model.path={run.model.path}" + (
+                " (its chat template)" if d.format == "chat" else ""
+            )
+            p.append(f"{field}: {path}:{lines[0]}: cannot be tokenized with {whose}: {why}{also}")
+        examples = ", ".join(f"{path}:{x}" for x in targetless[:SHOWN]) + (", ..." if len(targetless) > SHOWN else "")
+        if targetless and len(targetless) == n:
+            p.append(
+                f"data.max_seq_len={max_len} leaves all {n} rows of {field} ({path}) without a target token: "
+                f"the prompt fills the first {max_len} tokens of every row, so truncation cuts every response "
+                f"away (e.g. {path}:{targetless[0]}); raise data.max_seq_len or shorten the prompts"
+            )
+        elif targetless:
+            log.warning(
+                "data.max_seq_len=%d leaves %d of %d rows of %s (%s) without a target token: their "
+                "responses are cut away and they carry no loss (%s); raise data.max_seq_len to train on them",
+                max_len,
+                len(targetless),
+                n,
+                field,
+                path,
+                examples,
+            )
         if field == "data.path":
-            n_rows = len(rows)
-    if n_rows is not None:
-        n_train = n_rows if run.data.eval_path else n_rows - int(n_rows * run.data.eval_fraction)
+            n_rows = n
+    t, c = run.trainer, run.cluster
+    sane = 0 <= d.eval_fraction < 1 and min(t.micro_batch_size, t.grad_accum, c.num_workers) >= 1  # else reported alone
+    if n_rows is not None and sane:
+        n_train = n_rows if d.eval_path else n_rows - int(n_rows * d.eval_fraction)
         if n_train < run.global_batch():
             p.append(
                 f"data.path: {n_train} training rows are fewer than one global batch of {run.global_batch()} "
-                "(micro_batch_size * grad_accum * num_workers); lower the batch or add data"
+                f"(trainer.micro_batch_size={t.micro_batch_size} * trainer.grad_accum={t.grad_accum} * "
+                f"cluster.num_workers={c.num_workers}); lower the batch or add data"
             )
     return p
 
 
-def _resources(run: RunConfig) -> list[str]:
+def _output_dir(run: RunConfig) -> list[str]:
+    """output_dir is a directory, or can be made one: no part of it is a file."""
+    out, field = Path(run.output_dir), _run_dir_field(run)
+    probe = next((q for q in [out, *out.parents] if q.exists()), None)
+    if probe is None or probe.is_dir():
+        return []
+    if probe == out:
+        return [f"{field}: {out} is a file, not a directory; choose a directory for the run"]
+    return [f"{field}: {out} cannot be created: {probe} is a file, not a directory"]
+
+
+def _run_dir_field(run: RunConfig) -> str:
+    """The field the run directory comes from: output_dir, or storage_path (<storage_path>/<name>)."""
+    return "storage_path" if run.storage_path and run.name else "output_dir"
+
+
+def _resources(run: RunConfig, output_dir: bool = True) -> list[str]:
     c = run.cluster
     if c.address is not None:
         return []  # checked against the live cluster at submission
@@ -268,7 +505,9 @@ def _resources(run: RunConfig) -> list[str]:
 
         have = torch.cuda.device_count()
         if have < c.num_workers:
-            p.append(f"cluster.num_workers={c.num_workers} with use_gpu=true, but this machine has {have} GPU(s)")
+            p.append(
+                f"cluster.num_workers={c.num_workers} with cluster.use_gpu=true, but this machine has {have} GPU(s)"
+            )
     else:
         cpus = os.cpu_count() or 1
         if c.num_workers * c.cpus_per_worker > cpus:
@@ -276,28 +515,34 @@ def _resources(run: RunConfig) -> list[str]:
                 f"cluster.num_workers={c.num_workers} x cluster.cpus_per_worker={c.cpus_per_worker} needs "
                 f"{c.num_workers * c.cpus_per_worker:g} CPUs but this machine has {cpus}"
             )
+    if not output_dir:
+        return p
     out = Path(run.output_dir)
     probe = next((q for q in [out, *out.parents] if q.exists()), None)
-    if probe is None or not os.access(probe, os.W_OK):
-        p.append(f"output_dir: {out} cannot be created ({probe} is not writable)")
+    if probe is not None and not probe.is_dir():
+        pass  # reported by _output_dir
+    elif probe is None or not os.access(probe, os.W_OK):
+        p.append(f"{_run_dir_field(run)}: {out} cannot be created ({probe} is not writable)")
     else:
         import shutil
 
+        t = run.trainer
         need, free = _checkpoint_bytes(run), shutil.disk_usage(probe).free
         if free < need:
             p.append(
-                f"output_dir: {probe} has {_human(free)} free but the run's checkpoints need about "
-                f"{_human(need)}; free space, lower trainer.keep_last, or choose another output_dir"
+                f"{_run_dir_field(run)}: {probe} has {_human(free)} free but the run's checkpoints need about "
+                f"{_human(need)} (adapter.r={run.adapter.r}, trainer.save_every={t.save_every}, "
+                f"trainer.keep_last={t.keep_last}); free space, lower trainer.keep_last, or choose another output_dir"
             )
     return p
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024:
             return f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} GiB"
+    return f"{n:.1f} PiB"
 
 
 def _checkpoint_bytes(run: RunConfig) -> int:
@@ -305,6 +550,8 @@ def _checkpoint_bytes(run: RunConfig) -> int:
     and a margin, for the final adapter plus keep_last (or every) step checkpoint."""
     from orchestrator.model import load_model_config
 
+    if path_problem("model.path", run.model.path) or not (Path(run.model.path) / "config.json").is_file():
+        return 0  # reported by the model checks (and a name that is no directory is a Hub repo id to transformers)
     try:
         cfg = load_model_config(run.model)
     except Exception:  # noqa: BLE001 - reported by the model checks
@@ -331,13 +578,21 @@ def validate(run: RunConfig, environment: bool = True, on_cluster: bool = False)
     problems = _static(run)
     if environment:
         here = run.cluster.kind == "local"
+        bad = _bad_paths(run)  # reported by _static; nothing can be looked up there
         # A job for a cluster may name paths that exist only there: those are checked on the
         # cluster by `orchestrator run` before any worker starts.
-        if here or on_cluster or Path(run.model.path).exists():
-            problems += _model(run)
-        if here or on_cluster or Path(run.data.path).exists():
-            problems += _data(run)
-        problems += (_resources(run) if here else []) + _deepspeed_json(run)
+        tokenizer = None
+        if "model.path" not in bad and (here or on_cluster or Path(run.model.path).exists()):
+            model_problems, tokenizer = _model(run)
+            problems += model_problems
+        if not {"data.path", "data.eval_path"} & set(bad) and (here or on_cluster or Path(run.data.path).exists()):
+            problems += _data(run, tokenizer)
+        if "output_dir" not in bad and (here or on_cluster):
+            problems += _output_dir(run)
+        if here:
+            problems += _resources(run, output_dir="output_dir" not in bad)
+        if "strategy.ds_config" not in bad:
+            problems += _deepspeed_json(run)
     if problems:
         raise ConfigError(problems)
     return run

@@ -24,17 +24,39 @@ def alpaca_prompt(row: dict) -> str:
     return text + ALPACA_RESPONSE
 
 
-def _encode_alpaca(row: dict, tok: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+# Text is cut before it is tokenized, so that a row far longer than max_seq_len costs no more than
+# one of max_seq_len tokens (tokenizing 50 MB whole takes gigabytes). The cut keeps CHARS_PER_TOKEN
+# characters per token needed, plus a margin; should that yield too few tokens (text of very long
+# tokens), four times as much is tried, up to the whole text. Tokens before the cut's last words are
+# what the whole text gives, so the first max_len tokens are unchanged.
+CHARS_PER_TOKEN = 8
+MARGIN_TOKENS = 32
+
+
+def _tokenize(tok: PreTrainedTokenizerBase, text: str, max_len: int, **kwargs) -> dict:
+    """tok(text, **kwargs), of which at least the first `max_len` tokens are exact."""
+    limit = CHARS_PER_TOKEN * (max(max_len, 0) + MARGIN_TOKENS)
+    while len(text) > limit:
+        enc = tok(text[:limit], **kwargs)
+        if len(enc["input_ids"]) >= max_len + MARGIN_TOKENS:
+            return enc
+        limit *= 4
+    return tok(text, **kwargs)
+
+
+def _encode_alpaca(row: dict, tok: PreTrainedTokenizerBase, max_len: int) -> tuple[list[int], list[int]]:
     # Prompt and response are tokenized apart so the mask boundary is exact whatever the BPE merges.
-    prompt = tok(alpaca_prompt(row), add_special_tokens=True)["input_ids"]
-    answer = tok(row["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    prompt = _tokenize(tok, alpaca_prompt(row), max_len, add_special_tokens=True)["input_ids"]
+    answer = _tokenize(tok, row["output"], max_len - len(prompt), add_special_tokens=False)["input_ids"] + [
+        tok.eos_token_id
+    ]
     return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
 
 
-def _encode_chat(row: dict, tok: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+def _encode_chat(row: dict, tok: PreTrainedTokenizerBase, max_len: int) -> tuple[list[int], list[int]]:
     msgs = row["messages"]
     text = tok.apply_chat_template(msgs, tokenize=False)
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = _tokenize(tok, text, max_len, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = [IGNORE_INDEX] * len(ids)
     for i, m in enumerate(msgs):
@@ -56,22 +78,30 @@ def _encode_chat(row: dict, tok: PreTrainedTokenizerBase) -> tuple[list[int], li
 ENCODERS = {"alpaca": _encode_alpaca, "chat": _encode_chat}
 
 
+def encode_row(
+    row: dict, fmt: str, tokenizer: PreTrainedTokenizerBase, max_seq_len: int
+) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one row, truncated to max_seq_len tokens."""
+    ids, labels = ENCODERS[fmt](row, tokenizer, max_seq_len)
+    return ids[:max_seq_len], labels[:max_seq_len]
+
+
 def encode_rows(
     rows: list[dict], fmt: str, tokenizer: PreTrainedTokenizerBase, max_seq_len: int
 ) -> list[tuple[list[int], list[int]]]:
     """Tokenize and truncate every row. Rows whose response is cut away entirely are kept
     (they carry no loss) so that every worker sees the same number of rows."""
-    encode = ENCODERS[fmt]
-    out = []
-    for row in rows:
-        ids, labels = encode(row, tokenizer)
-        out.append((ids[:max_seq_len], labels[:max_seq_len]))
-    return out
+    return [encode_row(row, fmt, tokenizer, max_seq_len) for row in rows]
+
+
+def row_targets(labels: list[int]) -> int:
+    """Loss tokens of one encoded row (position 0 is never a target: the model shifts labels)."""
+    return sum(1 for t in labels[1:] if t != IGNORE_INDEX)
 
 
 def target_tokens(examples: list[tuple[list[int], list[int]]], indices: Iterable[int]) -> int:
     """Loss tokens of these examples. The model shifts labels by one: position 0 is never a target."""
-    return sum(sum(1 for t in examples[i][1][1:] if t != IGNORE_INDEX) for i in indices)
+    return sum(row_targets(examples[i][1]) for i in indices)
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
