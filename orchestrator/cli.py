@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.rundir import PREEMPTED_EXIT, RunDir
+from orchestrator.rundir import PREEMPTED_EXIT, RunDir, RunDirInUse
 
 log = logging.getLogger("orchestrator")
 
@@ -107,7 +107,7 @@ class TrainCommand:
                 sys.exit(PREEMPTED_EXIT)
             self.failed.append(f"{cfg.get('output_dir', '?')}: {e}")
             return None
-        except (ConfigError, RunFailed, FileExistsError) as e:
+        except (ConfigError, RunFailed, RunDirInUse, FileExistsError) as e:
             if not _multirun():
                 if isinstance(e, ConfigError):
                     _discard_hydra_dir()
@@ -356,7 +356,7 @@ def run_command(args: argparse.Namespace) -> None:
     except driver.Preempted as e:
         print(str(e), file=sys.stderr)
         sys.exit(PREEMPTED_EXIT)
-    except (driver.RunFailed, FileExistsError) as e:
+    except (driver.RunFailed, RunDirInUse, FileExistsError) as e:
         _fail(str(e), 1)
 
 

@@ -202,15 +202,23 @@ def _root_cause(err: BaseException) -> BaseException:
 
 def train(run: RunConfig, on_cluster: bool = False) -> Path:
     """Run training on Ray and return the directory of the final adapter. on_cluster: this
-    process is a cluster job's driver, so connect to that cluster's Ray."""
+    process is a cluster job's driver, so connect to that cluster's Ray. Raises RunDirInUse at
+    once when another live process holds the run directory."""
+    # Workers may run with another working directory (on other nodes, surely): absolute paths only.
+    rundir = RunDir(Path(run.output_dir).resolve())
+    run = dataclasses.replace(run, output_dir=str(rundir.root))
+    # One run per directory: taken before anything in it is read or cleaned, held while every
+    # worker (and every worker group Ray Train restarts) cleans up, resumes and saves.
+    with rundir.lock():
+        return _train_locked(run, rundir, on_cluster)
+
+
+def _train_locked(run: RunConfig, rundir: RunDir, on_cluster: bool) -> Path:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from orchestrator.train_loop import train_loop
 
-    # Workers may run with another working directory (on other nodes, surely): absolute paths only.
-    rundir = RunDir(Path(run.output_dir).resolve())
-    run = dataclasses.replace(run, output_dir=str(rundir.root))
     if not prepare_output_dir(run):
         log.info("the run in %s is already complete", rundir.root)
         return rundir.adapter

@@ -22,6 +22,8 @@ import torch
 from conftest import ONE_PROCESS, cli, equivalence_overrides, read_metrics, train
 from safetensors.torch import load_file
 
+from orchestrator.rundir import RunDir
+
 pytestmark = pytest.mark.slow
 
 
@@ -117,7 +119,9 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, equivalence_run):
         (torn / "adapter").mkdir(parents=True)
         (torn / "adapter" / "adapter_model.safetensors").write_bytes(b"torn")
 
-    train(out, *extra)  # the same config again
+    assert RunDir(out).lock_file.exists()  # the killed command's lock, its holder dead
+    train(out, *extra)  # the same config again: it takes the dead holder's lock over
+    assert not RunDir(out).lock_file.exists()  # and releases it when done
     # It resumed from step-5 (a run started over would refuse to overwrite that committed step), and
     # the torn directories were cleaned up, not used.
     assert (step5 / "COMMITTED").stat().st_mtime_ns == committed_at
@@ -138,7 +142,6 @@ def test_deepspeed_state_and_rng_resume_to_the_same_adapter(tmp_path, demo_model
     must come back exactly. The run is stopped the way Slurm's warning stops it (a stop request
     from this incarnation of the run), so it commits a checkpoint at a step boundary and ends."""
     from orchestrator.driver import Preempted
-    from orchestrator.rundir import RunDir
 
     extra = ["strategy=zero3", "adapter.dropout=0.1", *RESUMABLE]
     whole = train(tmp_path / "whole", *extra)
