@@ -173,7 +173,7 @@ def logs(job: dict) -> None:
     sys.stdout.write(path.read_text(errors="replace"))
 
 
-def follow(job: dict, poll_s: float = 2.0) -> str:
+def follow(job: dict, poll_s: float = 1.0) -> str:
     """Print the job's log as it grows, through requeues, until the job ends; returns its final
     state. Ctrl-C detaches; the job goes on."""
     path, offset = _log_path(job), 0

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import shlex
+import signal
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -91,16 +94,24 @@ class TrainCommand:
     """One line per failed run of a multirun."""
     sweep_jobs: list[dict] = field(default_factory=list)
     """Cluster jobs of a multirun, awaited together once all are submitted."""
+    program: list[str] = field(default_factory=list)
+    """How this command was started (`orchestrator`, `python -m orchestrator`); empty: not from a command line."""
+    argv: list[str] = field(default_factory=list)
+    """The arguments after `train`, as given."""
+    flags: list[str] = field(default_factory=list)
+    """Hydra's flags among them (--config-dir DIR ...), but -m."""
 
     def task(self, cfg: Any) -> float | None:
         """Hydra's task. Errors are reported here, not raised: Hydra would print them as tracebacks.
         In a multirun a failed run is logged (into its own train.log too) and the sweep goes on.
         The return value, the final eval loss, is what the Optuna sweeper minimises."""
         from orchestrator.config import ConfigError
-        from orchestrator.driver import Preempted, RunFailed
+        from orchestrator.driver import Interrupted, Preempted, RunFailed
 
         try:
             return self._train(cfg)
+        except Interrupted as e:  # the whole command stops, the rest of a multirun too
+            _exit_interrupted(e)
         except Preempted as e:
             print(str(e), file=sys.stderr)
             if not _multirun():
@@ -131,10 +142,30 @@ class TrainCommand:
         if _multirun():
             self._name_sweep_run(run)
         if run.cluster.kind == "local":
-            print(f"adapter written to {driver.train(run)}")
+            print(f"adapter written to {driver.train(run, resume_command=self._resume_command(run))}")
         elif not self._submit(run):
             return None
         return _final_eval_loss(RunDir(Path(run.output_dir)))
+
+    def _resume_command(self, run: Any) -> str | None:
+        """The command that resumes this run: the same command line, with output_dir added where
+        it was Hydra's fresh timestamped directory. In a multirun: this run's own overrides."""
+        if not self.program:
+            return None
+        args = [*self.program, "train", *self.argv]
+        sweep = _multirun()
+        if sweep:
+            from hydra.core.hydra_config import HydraConfig
+
+            args = [
+                *self.program,
+                "train",
+                *self.flags,
+                *(o for o in HydraConfig.get().overrides.task if _override_key(o) != "output_dir"),
+            ]
+        if sweep or not (any(_override_key(a) == "output_dir" for a in args) or (run.storage_path and run.name)):
+            args.append(f"output_dir={_hydra_value(run.output_dir)}")
+        return shlex.join(args)
 
     def _name_sweep_run(self, run: Any) -> None:
         """Every run of a sweep shares a W&B group and is named by its swept values; on shared
@@ -204,6 +235,28 @@ class TrainCommand:
                 self.failed.append(
                     f"{job['run_dir']}: job {job['id']} ended {state}{': ' + message if message else ''}"
                 )
+
+
+def _override_key(arg: str) -> str:
+    return arg.split("=", 1)[0].lstrip("+~") if "=" in arg and not arg.startswith("-") else ""
+
+
+def _hydra_value(value: str) -> str:
+    """A value for Hydra's override grammar: as is where plain, else quoted (Hydra unescapes
+    backslashes only before a quote, and before the closing one)."""
+    if re.fullmatch(r"[\w./:@%+-]+", value):
+        return value
+    return "'" + re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value) + "'"
+
+
+def _exit_interrupted(e: BaseException) -> None:
+    """Say where the interrupted run stands and how to resume it, then exit 128 + signal. A
+    further signal while Ray shuts down exits at once, without a traceback."""
+    code = e.exit_code
+    print(str(e), file=sys.stderr, flush=True)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda *_: os._exit(code))
+    sys.exit(code)
 
 
 def _multirun() -> bool:
@@ -276,7 +329,15 @@ def train(argv: list[str]) -> None:
         _fail(str(ConfigError(problems)))
     swept = {o.key_or_group for o in OverridesParser.create().parse_overrides(usable) if o.is_sweep_override()}
 
-    command = TrainCommand(problems=problems, swept=swept)
+    from orchestrator.interrupt import invocation
+
+    command = TrainCommand(
+        problems=problems,
+        swept=swept,
+        program=invocation(),
+        argv=list(argv),
+        flags=[f for f in flags if f not in ("-m", "--multirun")],
+    )
     sys.argv = ["orchestrator-train", *flags, *usable, *hydra_overrides]
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(command.task)()
     if command.sweep_jobs:
@@ -331,6 +392,7 @@ def run_command(args: argparse.Namespace) -> None:
     from orchestrator import demo, driver
     from orchestrator.config import ConfigError, to_typed, validate
     from orchestrator.config.schema import RunConfig
+    from orchestrator.interrupt import invocation
 
     logging.basicConfig(format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")  # Hydra does this for `train`
     if not args.config.is_file():
@@ -350,9 +412,12 @@ def run_command(args: argparse.Namespace) -> None:
         demo.localise(run)
         on_cluster = run.cluster.kind != "local"
         validate(run, on_cluster=on_cluster)
-        print(f"adapter written to {driver.train(run, on_cluster=on_cluster)}")
+        resume = shlex.join([*invocation(), "run", str(args.config)])
+        print(f"adapter written to {driver.train(run, on_cluster=on_cluster, resume_command=resume)}")
     except ConfigError as e:
         _fail(str(e))
+    except driver.Interrupted as e:
+        _exit_interrupted(e)
     except driver.Preempted as e:
         print(str(e), file=sys.stderr)
         sys.exit(PREEMPTED_EXIT)

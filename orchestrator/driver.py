@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
-import threading
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from orchestrator import ray_logs
 from orchestrator.config.schema import RunConfig, as_dict, flatten
+from orchestrator.interrupt import Interrupted, StopSignals, interrupted_message
 from orchestrator.rundir import RunDir
 
 log = logging.getLogger("orchestrator")
@@ -86,16 +85,20 @@ class Preempted(RuntimeError):
     """The run committed a checkpoint after a preemption warning and stopped; resubmit to resume."""
 
 
-def _ray_init(run: RunConfig, on_cluster: bool) -> None:
+def _ray_init(run: RunConfig, on_cluster: bool, signals: StopSignals) -> None:
     import ray
 
     if ray.is_initialized():
         return
-    if on_cluster:
-        ray_logs.init_quietly(lambda: ray.init(address="auto"))  # RAY_ADDRESS, set by the Ray Job or the Slurm script
-    else:
-        # "local" keeps a single-machine run off any `ray start` cluster that happens to run here.
-        ray_logs.init_quietly(lambda: ray.init(address=run.cluster.address or "local", include_dashboard=False))
+    # The Ray started here lives in a session of its own: a signal to our process group is ours.
+    with signals.starting_ray(own_session=not on_cluster):
+        if on_cluster:
+            ray_logs.init_quietly(
+                lambda: ray.init(address="auto")
+            )  # RAY_ADDRESS, set by the Ray Job or the Slurm script
+        else:
+            # "local" keeps a single-machine run off any `ray start` cluster that happens to run here.
+            ray_logs.init_quietly(lambda: ray.init(address=run.cluster.address or "local", include_dashboard=False))
 
 
 def _per_worker(run: RunConfig) -> dict[str, float]:
@@ -174,18 +177,6 @@ def nodes_missing_file(directory: Path, nodes: list[dict]) -> list[str]:
         marker.unlink(missing_ok=True)
 
 
-def _preemption_handler(rundir: RunDir):
-    """SIGUSR1 (Slurm's warning before preemption or the time limit): ask the workers to commit a
-    checkpoint at the next step boundary. The request is a file in the run directory because
-    the workers are Ray processes on any node, not children of this one."""
-
-    def handler(signum: int, frame: object) -> None:
-        log.warning("received %s: checkpointing at the next step boundary", signal.Signals(signum).name)
-        rundir.request_stop()
-
-    return handler
-
-
 def _root_cause(err: BaseException) -> BaseException:
     """Ray wraps worker errors a few levels deep; the innermost one is what the user needs."""
     seen = set()
@@ -200,33 +191,60 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
-def train(run: RunConfig, on_cluster: bool = False) -> Path:
+def train(run: RunConfig, on_cluster: bool = False, resume_command: str | None = None) -> Path:
     """Run training on Ray and return the directory of the final adapter. on_cluster: this
-    process is a cluster job's driver, so connect to that cluster's Ray. Raises RunDirInUse at
-    once when another live process holds the run directory."""
+    process is a cluster job's driver, so connect to that cluster's Ray. resume_command: the
+    command line that resumes the run, shown when a signal stops it (Interrupted). Raises
+    RunDirInUse at once when another live process holds the run directory."""
     # Workers may run with another working directory (on other nodes, surely): absolute paths only.
     rundir = RunDir(Path(run.output_dir).resolve())
     run = dataclasses.replace(run, output_dir=str(rundir.root))
     # One run per directory: taken before anything in it is read or cleaned, held while every
     # worker (and every worker group Ray Train restarts) cleans up, resumes and saves.
     with rundir.lock():
-        return _train_locked(run, rundir, on_cluster)
+        return _train_locked(run, rundir, on_cluster, resume_command)
 
 
-def _train_locked(run: RunConfig, rundir: RunDir, on_cluster: bool) -> Path:
+def _train_locked(run: RunConfig, rundir: RunDir, on_cluster: bool, resume_command: str | None) -> Path:
+    if not prepare_output_dir(run):
+        log.info("the run in %s is already complete", rundir.root)
+        return rundir.adapter
+    rundir.drop_stale_request()
+    # From here on SIGINT/SIGTERM (interrupt) and SIGUSR1 (preemption) stop the run at a step
+    # boundary, with a checkpoint (interrupt.py).
+    with StopSignals(rundir, resume_command) as signals:
+        _ray_init(run, on_cluster, signals)
+        check_cluster(run)
+        trainer = _trainer(run, rundir)
+        try:
+            signals.run(trainer.fit)
+        except Exception as e:  # noqa: BLE001 - re-raised with the worker's own message
+            cause = _root_cause(e)
+            if signals.interrupted is None:
+                raise RunFailed(f"training failed: {type(cause).__name__}: {cause}") from e
+            log.error("after the interrupt, training ended with %s: %s", type(cause).__name__, cause)
+    if rundir.is_complete():
+        if signals.first is not None:
+            log.warning("the run completed before the workers saw the stop request")
+        return rundir.adapter
+    if signals.interrupted is not None:
+        raise Interrupted(signals.interrupted, interrupted_message(signals.interrupted, rundir, resume_command))
+    if rundir.stop_requested():
+        raise Preempted(
+            f"preempted: the run in {rundir.root} committed its latest checkpoint and stopped; "
+            "the same command (or the requeued job) resumes it"
+        )
+    return rundir.adapter
+
+
+def _trainer(run: RunConfig, rundir: RunDir):  # noqa: ANN202 - TorchTrainer, imported here only
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from orchestrator.train_loop import train_loop
 
-    if not prepare_output_dir(run):
-        log.info("the run in %s is already complete", rundir.root)
-        return rundir.adapter
-    rundir.drop_stale_request()
-    _ray_init(run, on_cluster)
-    check_cluster(run)
     c = run.cluster
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
         train_loop_config={"run": as_dict(run)},
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
@@ -243,19 +261,3 @@ def _train_locked(run: RunConfig, rundir: RunDir, on_cluster: bool) -> Path:
             logging_config=ray.train.LoggingConfig(log_level="INFO" if ray_logs.verbose() else "WARNING"),
         ),
     )
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGUSR1, _preemption_handler(rundir)) if in_main else None
-    try:
-        trainer.fit()
-    except Exception as e:  # noqa: BLE001 - re-raised with the worker's own message
-        cause = _root_cause(e)
-        raise RunFailed(f"training failed: {type(cause).__name__}: {cause}") from e
-    finally:
-        if in_main:
-            signal.signal(signal.SIGUSR1, previous)
-    if rundir.stop_requested() and not rundir.is_complete():
-        raise Preempted(
-            f"preempted: the run in {rundir.root} committed its latest checkpoint and stopped; "
-            "the same command (or the requeued job) resumes it"
-        )
-    return rundir.adapter

@@ -5,7 +5,7 @@
       config.yaml              the composed config; a resumed run must match it
       metrics.jsonl            one JSON row per logged step and per evaluation
       wandb_run_id             the W&B run id, so a resumed run continues the same W&B run
-      PREEMPT_REQUESTED        asks the workers to commit a checkpoint and stop (holds who asked)
+      PREEMPT_REQUESTED        asks the workers to commit a checkpoint and stop (holds who asked, and why)
       checkpoints/step-<N>/    adapter/ (PEFT format + manifest), state/, COMMITTED
       adapter/                 the final adapter, COMMITTED once complete
       ray/                     Ray Train's own storage
@@ -54,6 +54,10 @@ LOCK_STALE_S = 60.0
 GUARD_STALE_S = 10.0
 
 log = logging.getLogger("orchestrator")
+
+# Why a stop was requested: Slurm's preemption warning, or a signal to the command (Ctrl-C, kill).
+PREEMPTION = "preemption"
+INTERRUPT = "interrupt"
 
 
 @dataclass(frozen=True)
@@ -118,19 +122,34 @@ class RunDir:
     def is_complete(self) -> bool:
         return (self.adapter / MARKER).is_file()
 
-    def request_stop(self) -> None:
+    def request_stop(self, reason: str = PREEMPTION) -> None:
         """Ask the workers to commit a checkpoint at the next step boundary and stop. The
-        request names who asked, so that a later incarnation of the run ignores it."""
-        self.stop_request.write_text(incarnation() + "\n")
+        request's first line names who asked, so that a later incarnation of the run ignores it;
+        the second says why. Written whole (renamed into place): a worker that sees the file
+        reads all of it."""
+        tmp = self.stop_request.with_name(f".{self.stop_request.name}.{os.getpid()}")
+        tmp.write_text(f"{incarnation()}\n{reason}\n")
+        os.replace(tmp, self.stop_request)
 
     def stop_requested(self) -> bool:
         return self.stop_request.exists()
 
+    def _request_lines(self) -> list[str]:
+        try:
+            return self.stop_request.read_text().splitlines()
+        except OSError:
+            return []
+
+    def stop_reason(self) -> str:
+        """PREEMPTION or INTERRUPT; a request without a reason is a preemption."""
+        lines = self._request_lines()
+        return lines[1].strip() if len(lines) > 1 and lines[1].strip() else PREEMPTION
+
     def drop_stale_request(self) -> None:
         """Forget a request left by an earlier incarnation (a previous job, or a killed run)."""
-        request = self.stop_request
-        if request.is_file() and request.read_text().strip() != incarnation():
-            request.unlink()
+        lines = self._request_lines()
+        if self.stop_request.is_file() and (lines[0].strip() if lines else "") != incarnation():
+            self.stop_request.unlink()
 
 
 def incarnation() -> str:

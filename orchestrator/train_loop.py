@@ -25,6 +25,7 @@ from orchestrator.data import GlobalBatchSampler, collate, encode_rows, split_ro
 from orchestrator.distributed import Dist, peak_memory_bytes
 from orchestrator.model import fingerprint, load_base, load_tokenizer
 from orchestrator.optim import build_optimizer, build_scheduler
+from orchestrator.rundir import INTERRUPT
 from orchestrator.strategies import Strategy, build_strategy
 from orchestrator.tracking import NullTracker, Tracker
 from orchestrator.train_state import Checkpointer
@@ -197,7 +198,10 @@ def run_steps(job: Job) -> bool:
         if stop and done < job.steps:
             if not saved:
                 job.ckpt.save_step(done, job.model, job.optimizer, job.scheduler)
-            log.warning("preemption requested: committed step-%d, stopping so the job can be requeued", done)
+            if job.ckpt.dir.stop_reason() == INTERRUPT:
+                log.warning("interrupted: committed step-%d, stopping", done)
+            else:
+                log.warning("preemption requested: committed step-%d, stopping so the job can be requeued", done)
             return False
     return True
 

@@ -18,8 +18,10 @@ pytestmark = pytest.mark.slow
 TOLERANCE = {"bf16": 2e-3, "fp32-nf4": 1e-6}
 
 
-@pytest.mark.parametrize("case", list(TOLERANCE))
-@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+# NF4 under both stages (the 4-bit trap: packed weights cast or flattened), the bf16 base under
+# ZeRO-3 (parameters partitioned, adapter in bf16 with fp32 masters). ZeRO-2 computes the bf16 case
+# the same way ZeRO-3 does, with the parameters whole.
+@pytest.mark.parametrize("case,strategy", [("fp32-nf4", "zero2"), ("fp32-nf4", "zero3"), ("bf16", "zero3")])
 def test_loss_curves_agree_with_single_process(equivalence_run, case, strategy):
     ref, out = equivalence_run(case, "single"), equivalence_run(case, strategy)
     assert train_losses(out) == pytest.approx(train_losses(ref), rel=TOLERANCE[case]), (
