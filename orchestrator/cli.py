@@ -305,6 +305,7 @@ def train(argv: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from orchestrator.config import CONF_DIR, ConfigError, check_group_overrides
+    from orchestrator.interrupt import invocation
 
     ours = argparse.ArgumentParser(prog="orchestrator train", description=TRAIN_HELP, allow_abbrev=False)
     _train_flags(ours)
@@ -328,9 +329,6 @@ def train(argv: list[str]) -> None:
     if problems and hydra_args.cfg:
         _fail(str(ConfigError(problems)))
     swept = {o.key_or_group for o in OverridesParser.create().parse_overrides(usable) if o.is_sweep_override()}
-
-    from orchestrator.interrupt import invocation
-
     command = TrainCommand(
         problems=problems,
         swept=swept,

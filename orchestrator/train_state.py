@@ -206,8 +206,6 @@ class Checkpointer:
         """Drop metrics logged after `step` (by an attempt that died before its next checkpoint),
         so that each step appears once."""
         path = self.dir.metrics
-        if not self.d.is_main:
-            return
-        if path.is_file():
+        if self.d.is_main and path.is_file():
             keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
             path.write_text("".join(line + "\n" for line in keep))

@@ -72,6 +72,36 @@ def cli(*args: str, cwd=None, timeout: float = 300, env: dict | None = None) -> 
     )
 
 
+def start_train(log: Path, *args: str, cwd: Path | None = None) -> subprocess.Popen:
+    """`python -m orchestrator train ARGS` in a session of its own, as a terminal starts it, so that
+    a test can signal or kill all of it; its output goes to `log`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "train", *args],
+        cwd=cwd,
+        stdout=open(log, "w"),  # the child writes it; it closes with the test process
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def adapter_tensors(out: Path) -> dict:
+    """The final adapter's tensors of the run in `out`."""
+    from safetensors.torch import load_file
+
+    return load_file(Path(out) / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    """The final adapters of two runs are equal bit for bit (CPU kernels and the 2-rank gloo sum
+    are deterministic)."""
+    import torch
+
+    ta, tb = adapter_tensors(a), adapter_tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+
+
 def wait_until(predicate, timeout: float, what: str, poll: float = 0.5) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -18,9 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
-from conftest import read_metrics, train
-from safetensors.torch import load_file
+from conftest import assert_same_adapter, read_metrics, start_train, train
 
 from orchestrator.interrupt import Interrupted, StopSignals, interrupted_message
 from orchestrator.rundir import INTERRUPT, MARKER, PREEMPTION, RunDir, incarnation
@@ -219,13 +217,7 @@ def reference(demo_model, ray_local, tmp_path_factory) -> Path:
 
 def start(cwd: Path, log: Path, *extra: str) -> subprocess.Popen:
     """`orchestrator train` in a session of its own, as a terminal would start it."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "train", *RUN, *extra],
-        cwd=cwd,
-        stdout=open(log, "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    return start_train(log, *RUN, *extra, cwd=cwd)
 
 
 def wait_for_steps(find_run_dir, proc: subprocess.Popen, log: Path, steps: int = 3, timeout: float = 300) -> Path:
@@ -251,10 +243,6 @@ def send(proc: subprocess.Popen, signum: int, to_group: bool) -> list[psutil.Pro
 def assert_all_gone(family: list[psutil.Process]) -> None:
     _, alive = psutil.wait_procs(family, timeout=30)
     assert not alive, f"left running: {[(p.pid, p.name()) for p in alive]}"
-
-
-def adapter(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(out / "adapter" / "adapter_model.safetensors")
 
 
 # The signal, to the group or to the process alone, and whether the test resumes the run. Each
@@ -309,7 +297,4 @@ def test_interrupted_run_commits_says_how_to_resume_and_resumes(
         f"resuming from {out / 'checkpoints' / f'step-{stopped}'} at step {stopped}" in resumed.stdout + resumed.stderr
     )
     assert [m["step"] for m in read_metrics(out) if "loss" in m] == list(range(1, 41))
-    a, b = adapter(reference), adapter(out)
-    assert a.keys() == b.keys()
-    for k in a:  # CPU kernels and the 2-rank gloo sum are deterministic: bit for bit
-        assert torch.equal(a[k], b[k]), k
+    assert_same_adapter(reference, out)

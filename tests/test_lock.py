@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import cli, read_metrics
+from conftest import cli, read_metrics, start_train
 from omegaconf import OmegaConf
 
 from orchestrator.config import as_dict, compose
@@ -295,13 +295,7 @@ def test_two_runs_started_on_one_directory(tmp_path, demo_root):
 
 
 def _start(out: Path, tag: str) -> subprocess.Popen:
-    log = open(out.parent / f"{out.name}-{tag}.log", "w")
-    return subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "train", *RUN, f"output_dir={out}"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    return start_train(out.parent / f"{out.name}-{tag}.log", *RUN, f"output_dir={out}")
 
 
 def _wait_all(procs: dict[str, subprocess.Popen], timeout: float = 600) -> dict[str, float]:

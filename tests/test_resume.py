@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,8 +18,16 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import ONE_PROCESS, cli, equivalence_overrides, read_metrics, train
-from safetensors.torch import load_file
+from conftest import (
+    ONE_PROCESS,
+    adapter_tensors,
+    assert_same_adapter,
+    cli,
+    equivalence_overrides,
+    read_metrics,
+    start_train,
+    train,
+)
 
 from orchestrator.rundir import RunDir
 
@@ -29,21 +36,8 @@ pytestmark = pytest.mark.slow
 
 def start(out: Path, *overrides: str) -> subprocess.Popen:
     """`orchestrator train` in its own session, so that the test can kill all of it."""
-    log = open(out.parent / f"{out.name}.log", "w")
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "orchestrator",
-            "train",
-            "experiment=demo",
-            "tracking=none",
-            f"output_dir={out}",
-            *overrides,
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    return start_train(
+        out.parent / f"{out.name}.log", "experiment=demo", "tracking=none", f"output_dir={out}", *overrides
     )
 
 
@@ -75,10 +69,6 @@ def _proc(pid: int):
         return None
 
 
-def adapter(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(out / "adapter" / "adapter_model.safetensors")
-
-
 def steps_logged(out: Path) -> list[int]:
     return [m["step"] for m in read_metrics(out) if "loss" in m]
 
@@ -87,12 +77,6 @@ def replaced(overrides: list[str], *new: str) -> list[str]:
     """`overrides` with the keys of `new` set to their new values (Hydra refuses a key twice)."""
     keys = {o.split("=", 1)[0] for o in new}
     return [o for o in overrides if o.split("=", 1)[0] not in keys] + list(new)
-
-
-def assert_same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:  # CPU kernels and the 2-rank gloo sum are deterministic: bit for bit
-        assert torch.equal(a[k], b[k]), k
 
 
 def test_killed_run_resumes_to_the_same_adapter(tmp_path, equivalence_run):
@@ -124,14 +108,14 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, equivalence_run):
     assert (step5 / "COMMITTED").stat().st_mtime_ns == committed_at
     assert not (out / "checkpoints" / ".step-10.tmp").exists()
     assert (out / "checkpoints" / "step-10" / "adapter" / "adapter_model.safetensors").read_bytes() != b"torn"
-    assert_same_bits(adapter(reference), adapter(out))
+    assert_same_adapter(reference, out)
     assert steps_logged(out) == list(range(1, 11))
 
     # The same checkpoint continued by one worker (micro batch doubled: same global batch); the
     # optimizer state is one copy that loads on any number of workers.
     one = train(tmp_path / "one-worker", *replaced(extra, f"resume={step5}", *ONE_PROCESS))
-    for k, v in adapter(reference).items():  # one process sums the batch in another order: equal to rounding
-        torch.testing.assert_close(adapter(one)[k], v, rtol=1e-5, atol=1e-7)
+    for k, v in adapter_tensors(reference).items():  # one process sums the batch in another order: equal to rounding
+        torch.testing.assert_close(adapter_tensors(one)[k], v, rtol=1e-5, atol=1e-7)
 
 
 def test_different_run_in_same_output_dir_is_refused(demo_run, tmp_path):

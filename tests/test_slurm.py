@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cli, read_metrics, wait_until
+from conftest import assert_same_adapter, cli, read_metrics, wait_until
 from orchestrator.launch.slurm import show
-from safetensors.torch import load_file
 
 from orchestrator.packaged import packaged
 
@@ -173,9 +172,7 @@ def test_preempted_demo_on_two_nodes_requeues_and_resumes_to_the_same_adapter(sl
     info = cli("jobs", "status", job_id, env=slurm_cluster)
     assert info.returncode == 0 and f"{job_id} COMPLETED" in info.stdout and "Restarts=1" in info.stdout
     assert [m["step"] for m in read_metrics(run_dir) if "loss" in m] == list(range(1, 31))
-    a = load_file(run_dir / "adapter" / "adapter_model.safetensors")
-    b = load_file(reference / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert_same_adapter(run_dir, reference)
 
     assert job["NodeList"] == "node[1-2]" and "on node1 node2" in log
     # Each Ray node offers one CPU, so the two one-CPU workers can only run on both nodes at once.

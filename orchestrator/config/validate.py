@@ -197,11 +197,8 @@ def _cluster_static(run: RunConfig) -> list[str]:
             f"storage_path: {run.storage_path} is a URI; checkpoints are committed with POSIX renames, so give "
             "a shared filesystem path (mount a bucket with its FUSE driver to use object storage)"
         )
-    for field in ("name",):
-        if any(ord(ch) < 32 for ch in getattr(run, field) or ""):
-            p.append(
-                f"{field}: {getattr(run, field)!r} contains control characters (newlines); they cannot name a directory or a job"
-            )
+    if any(ord(ch) < 32 for ch in run.name or ""):
+        p.append(f"name: {run.name!r} contains control characters (newlines); they cannot name a directory or a job")
     if run.name and (run.name.startswith(("/", ".")) or ".." in run.name.split("/")):
         p.append(f"name: {run.name!r} must be a relative name (letters, digits, -, _, and / for groups), not a path")
     bad_env = [k for k in [*c.env, *c.secret_env] if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)]
