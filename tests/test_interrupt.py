@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -197,11 +198,12 @@ def test_ray_starts_in_its_own_session_and_our_handlers_survive_its_init(tmp_pat
 
 # ZeRO-3 with dropout: the resumed run must also bring back DeepSpeed's partitioned optimizer state
 # and every rank's RNG stream exactly to end with the uninterrupted adapter.
+STEPS = 60
 RUN = [
     "experiment=demo",
     "tracking=none",
     "data.eval_fraction=0",
-    "trainer.max_steps=40",
+    f"trainer.max_steps={STEPS}",
     "trainer.save_every=10",
     "strategy=zero3",
     "adapter.dropout=0.1",
@@ -245,56 +247,65 @@ def assert_all_gone(family: list[psutil.Process]) -> None:
     assert not alive, f"left running: {[(p.pid, p.name()) for p in alive]}"
 
 
-# The signal, to the group or to the process alone, and whether the test resumes the run. Each
-# case costs a real run, so the suite runs Ctrl-C in a terminal (SIGINT to the group) end to end;
-# the fast tests above send every signal to the same handlers, SIGTERM after ray.init included.
-# More: add pytest.param(signal.SIGTERM, False, False), (signal.SIGINT, False, False), ...
-CASES = [pytest.param(signal.SIGINT, True, True, id="SIGINT-to-group")]
+# The run is stopped four times, once by each signal to the command alone and to its group, and
+# every command that resumes it races a twin started at the same moment on the same directory: one
+# of the two must be refused at once, the other go on. The last resumption runs to the end.
+STOPS = [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGTERM, True), (signal.SIGINT, True)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum,to_group,resume", CASES)
-def test_interrupted_run_commits_says_how_to_resume_and_resumes(
-    tmp_path, demo_root, reference, signum, to_group, resume
-):
-    log = tmp_path / "run.log"
-    if signum == signal.SIGTERM:
-        # No output_dir: Hydra's fresh timestamped directory, which the resume command must name.
-        proc = start(tmp_path, log)
+def test_interrupted_four_ways_and_raced_resumes_end_with_the_uninterrupted_adapter(tmp_path, demo_root, reference):
+    # No output_dir: Hydra's fresh timestamped directory, which the resume command must name.
+    log = tmp_path / "run-0.log"
+    proc = start(tmp_path, log)
+    out = wait_for_steps(lambda: next((p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()), None), proc, log)
+    stopped, words = 0, []
+    for i, (signum, to_group) in enumerate(STOPS):
+        if i:
+            proc, log = race(words, tmp_path, i)
+            wait_for_steps(lambda: out, proc, log, steps=stopped + 3)
+        family = send(proc, signum, to_group)
+        rc = proc.wait(timeout=180)
+        text = log.read_text()
+        case = f"{signal.Signals(signum).name} to the {'group' if to_group else 'process'}"
+        assert rc == 128 + signum, f"{case}:\n{text[-3000:]}"
+        assert not re.search(r"Traceback|Aborted|core dumped|\*\*\* SIG", text), f"{case}:\n{text[-3000:]}"
+        step = int(re.search(rf"^interrupted at step (\d+) by {signal.Signals(signum).name}", text, re.M).group(1))
+        assert stopped + 3 <= step < STEPS, case
+        stopped = step
+        assert f"checkpoint {out / 'checkpoints' / f'step-{stopped}'} is committed" in text, case
+        assert f"interrupted: committed step-{stopped}, stopping" in text, case  # the workers' own line
+        assert (out / "checkpoints" / f"step-{stopped}" / "COMMITTED").is_file(), case
+        assert not (out / "adapter").exists(), case
+        assert [m["step"] for m in read_metrics(out) if "loss" in m] == list(range(1, stopped + 1)), case
+        words = shlex.split(re.search(r"^to resume: (.+)$", text, re.M).group(1))
+        assert words[:4] == [sys.executable, "-m", "orchestrator", "train"] and words[4 : 4 + len(RUN)] == RUN
+        assert words[-1] == f"output_dir={out}", case  # added for Hydra's directory
+        assert_all_gone(family)
 
-        def find():
-            return next((p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()), None)
-    else:
-        proc = start(tmp_path, log, f"output_dir={tmp_path / 'run'}")
-
-        def find():
-            return tmp_path / "run"
-
-    out = wait_for_steps(find, proc, log)
-    family = send(proc, signum, to_group)
-    rc = proc.wait(timeout=180)
-    text = log.read_text()
-    assert rc == 128 + signum, text[-3000:]
-    assert not re.search(r"Traceback|Aborted|core dumped|\*\*\* SIG", text), text[-3000:]
-    stopped = int(re.search(r"^interrupted at step (\d+) by " + signal.Signals(signum).name, text, re.M).group(1))
-    assert 3 <= stopped < 40
-    assert f"checkpoint {out / 'checkpoints' / f'step-{stopped}'} is committed" in text
-    assert f"interrupted: committed step-{stopped}, stopping" in text  # the workers' own line
-    assert (out / "checkpoints" / f"step-{stopped}" / "COMMITTED").is_file()
-    assert not (out / "adapter").exists()
-    assert [m["step"] for m in read_metrics(out) if "loss" in m] == list(range(1, stopped + 1))
-    command = re.search(r"^to resume: (.+)$", text, re.M).group(1)
-    words = shlex.split(command)
-    assert words[:4] == [sys.executable, "-m", "orchestrator", "train"] and words[4 : 4 + len(RUN)] == RUN
-    assert words[-1] == f"output_dir={out}"  # given by the test, or added for Hydra's directory
-    assert_all_gone(family)
-    if not resume:
-        return
-
-    resumed = subprocess.run(words, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert (
-        f"resuming from {out / 'checkpoints' / f'step-{stopped}'} at step {stopped}" in resumed.stdout + resumed.stderr
-    )
-    assert [m["step"] for m in read_metrics(out) if "loss" in m] == list(range(1, 41))
+    proc, log = race(words, tmp_path, len(STOPS))
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert f"resuming from {out / 'checkpoints' / f'step-{stopped}'} at step {stopped}" in log.read_text()
+    assert [m["step"] for m in read_metrics(out) if "loss" in m] == list(range(1, STEPS + 1))
+    assert [p.name for p in (out / "checkpoints").iterdir() if not (p / MARKER).is_file()] == []  # none torn
+    assert not RunDir(out).lock_file.exists()
     assert_same_adapter(reference, out)
+
+
+def race(words: list[str], cwd: Path, i: int) -> tuple[subprocess.Popen, Path]:
+    """Start the resume command twice at once; assert one is refused at once, naming the other as
+    the holder of the run directory, and return the one that runs, with its log."""
+    logs = [cwd / f"run-{i}{tag}.log" for tag in "ab"]
+    procs = [start_train(log, *words[4:], cwd=cwd) for log in logs]
+    deadline = time.monotonic() + 120
+    while all(p.poll() is None for p in procs):
+        assert time.monotonic() < deadline, "neither twin was refused"
+        time.sleep(0.05)
+    lost = next(k for k, p in enumerate(procs) if p.poll() is not None)
+    won = 1 - lost
+    refusal = logs[lost].read_text()
+    assert procs[lost].returncode == 1, refusal[-3000:]
+    # Nothing but the error: the refused twin started no Ray and touched nothing.
+    assert refusal.strip().startswith("error:") and len(refusal.strip().splitlines()) == 1, refusal
+    assert f"is in use by another run: PID {procs[won].pid} on host {socket.gethostname()}" in refusal, refusal
+    return procs[won], logs[won]
