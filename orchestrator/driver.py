@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
+import threading
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -213,8 +215,13 @@ def _train_locked(run: RunConfig, rundir: RunDir, on_cluster: bool, resume_comma
     # From here on SIGINT/SIGTERM (interrupt) and SIGUSR1 (preemption) stop the run at a step
     # boundary, with a checkpoint (interrupt.py).
     with StopSignals(rundir, resume_command) as signals:
+        # Ray Train's modules take seconds to import; ray.init spends as long waiting for its
+        # daemons, so the two overlap.
+        preload = threading.Thread(target=importlib.import_module, args=("ray.train.torch",), daemon=True)
+        preload.start()
         _ray_init(run, on_cluster, signals)
         check_cluster(run)
+        preload.join()
         trainer = _trainer(run, rundir)
         try:
             signals.run(trainer.fit)
