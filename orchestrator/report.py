@@ -33,6 +33,7 @@ COLUMNS = [
     "best_eval_loss",
     "final_loss",
     "tokens_per_s",
+    "mfu",
     "peak_memory_mib",
     "trainable_params",
     "steps",
@@ -47,6 +48,7 @@ HEADERS = {
     "best_eval_loss": "best eval loss",
     "final_loss": "final train loss",
     "tokens_per_s": "tokens/s (median)",
+    "mfu": "MFU (median)",
     "peak_memory_mib": "peak memory (MiB)",
     "trainable_params": "trainable params",
     "steps": "steps",
@@ -57,6 +59,7 @@ SHORT_HEADERS = {  # for the terminal, where width is short
     "best_eval_loss": "best\neval",
     "final_loss": "final\ntrain",
     "tokens_per_s": "tok/s\nmedian",
+    "mfu": "MFU\nmedian",
     "peak_memory_mib": "peak\nMiB",
     "trainable_params": "trainable\nparams",
 }
@@ -190,6 +193,7 @@ def collect(sweep_dir: Path) -> list[dict]:
         train, evals = read_metrics(run_dir)
         eval_losses = [float(e["eval_loss"]) for e in evals]
         tps = [float(t["tokens_per_s"]) for t in train if t.get("tokens_per_s") is not None]
+        mfu = [float(t["mfu"]) for t in train if t.get("mfu") is not None]
         peaks = [float(t["peak_memory_bytes"]) for t in train if t.get("peak_memory_bytes") is not None]
         steps = [int(x["step"]) for x in train + evals]
 
@@ -209,6 +213,7 @@ def collect(sweep_dir: Path) -> list[dict]:
                 "best_eval_loss": min(eval_losses) if eval_losses else None,
                 "final_loss": float(train[-1]["loss"]) if train else None,
                 "tokens_per_s": statistics.median(tps) if tps else None,
+                "mfu": statistics.median(mfu) if mfu else None,
                 "peak_memory_mib": max(peaks) / 2**20 if peaks else None,
                 "trainable_params": trainable_params(run_dir),
                 "steps": max(steps) if steps else 0,
@@ -248,6 +253,8 @@ def _fmt(col: str, v: Any) -> str:
         return f"{v:.4f}"
     if col == "tokens_per_s":
         return f"{v:,.0f}"
+    if col == "mfu":
+        return f"{100 * v:.1f}%"
     if col == "peak_memory_mib":
         return f"{v:,.1f}"
     if col == "trainable_params":

@@ -94,7 +94,8 @@ class Tracker:
         if "loss" in row:
             self.bar.set_description(
                 f"train loss={row['loss']:.4f} lr={row.get('lr', math.nan):.2e} gnorm={row.get('grad_norm', math.nan):.3f} "
-                f"tok/s={row.get('tokens_per_s', math.nan):.0f} peak={row.get('peak_memory_bytes', 0) / 2**20:.0f}MiB"
+                f"tok/s={row.get('tokens_per_s', math.nan):.0f} mfu={100 * (row.get('mfu') or math.nan):.1f}% "
+                f"peak={row.get('peak_memory_bytes', 0) / 2**20:.0f}MiB"
             )
 
     def advance(self, n: int = 1) -> None:

@@ -23,6 +23,7 @@ from orchestrator.config.schema import RunConfig
 from orchestrator.config.typed import to_typed
 from orchestrator.data import GlobalBatchSampler, collate, encode_rows, split_rows, target_tokens
 from orchestrator.distributed import Dist, peak_memory_bytes
+from orchestrator.flops import FlopCounter, peak_flops
 from orchestrator.model import fingerprint, load_base, load_tokenizer
 from orchestrator.optim import build_optimizer, build_scheduler
 from orchestrator.rundir import INTERRUPT
@@ -58,6 +59,8 @@ class Job:
     steps: int
     start: int
     frozen_bytes: float
+    flops: FlopCounter
+    peak_flops: float
 
 
 def train_loop(config: dict) -> None:
@@ -90,6 +93,7 @@ def setup(run: RunConfig) -> Job:
         base = load_base(run.model, run.quant, d.device)
     peft_model = adapters.attach_adapter(base, run.adapter)
     n_trainable, n_total = peft_model.get_nb_trainable_parameters()  # before sharding hides the sizes
+    flops = FlopCounter.of(peft_model, base.config)
     ckpt = Checkpointer(run, d, strategy, peft_model, fingerprint(run.model, run.quant))
     ckpt.clean_torn()
     resume_from = ckpt.resume_point()
@@ -108,6 +112,7 @@ def setup(run: RunConfig) -> Job:
     frozen_bytes = d.max(strategy.param_bytes(model)["frozen"])
 
     tracker = Tracker(run, steps, start) if d.is_main else NullTracker()
+    peak, peak_source = peak_flops(d.device, run.model.dtype, run.trainer.peak_tflops) if d.is_main else (0.0, "")
     log.info(
         "trainable params: %d of %d (%.3f%%) | strategy=%s workers=%d | base bytes per worker: %d (frozen) | "
         "%d train rows, %d eval rows, %d steps of %d sequences",
@@ -123,6 +128,8 @@ def setup(run: RunConfig) -> Job:
         sampler.global_batch,
     )
     tracker.summary({"trainable_params": n_trainable, "total_params": n_total, "param_bytes_per_worker": frozen_bytes})
+    if d.is_main:
+        log.info("MFU against %.1f TFLOP/s per worker (%s)", peak / 1e12, peak_source)
     # Names only: says whether the submitting shell's credentials reached the workers.
     log.info(
         "credentials in the worker environment: %s",
@@ -144,6 +151,8 @@ def setup(run: RunConfig) -> Job:
         steps,
         start,
         frozen_bytes,
+        flops,
+        peak,
     )
 
 
@@ -155,7 +164,7 @@ def run_steps(job: Job) -> bool:
         t0 = time.perf_counter()
         global_rows = job.sampler.all_step_indices(step)
         n_target = target_tokens(job.train, global_rows)
-        n_seen = sum(len(job.train[i][0]) for i in global_rows)
+        lengths = [len(job.train[i][0]) for i in global_rows]
         loss = torch.zeros((), device=d.device)
         for micro in job.sampler.step_indices(step):
             result = job.model(
@@ -175,13 +184,15 @@ def run_steps(job: Job) -> bool:
         job.tracker.advance()
 
         if done % t.log_every == 0 or done == job.steps:
+            seconds = time.perf_counter() - t0
             job.tracker.log(
                 done,
                 {
                     "loss": loss_val,
                     "lr": lr,
                     "grad_norm": grad_norm,
-                    "tokens_per_s": n_seen / (time.perf_counter() - t0),
+                    "tokens_per_s": sum(lengths) / seconds,
+                    "mfu": job.flops.batch(lengths) / (seconds * d.world * job.peak_flops) if job.peak_flops else None,
                     "target_tokens": n_target,
                     "peak_memory_bytes": d.max(peak_memory_bytes(d.device)),
                     "param_bytes_per_worker": job.frozen_bytes,

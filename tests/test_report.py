@@ -67,6 +67,7 @@ def _metrics(r: int, alpha: int, last_step: int = STEPS) -> list[dict]:
                 "lr": 2e-4 * (1 - step / STEPS),
                 "grad_norm": 0.8,
                 "tokens_per_s": 1000.0 + 37.0 * step + 10 * r + (500.0 if step == LOG_EVERY else 0.0),
+                "mfu": 0.01 * r + 0.001 * step,
                 "target_tokens": 512.0,
                 "peak_memory_bytes": float((300 + 3 * step + r) * 2**20 + 12345),
                 "param_bytes_per_worker": 2.5e7,
@@ -149,6 +150,7 @@ def test_collect_rows_and_order(sweep):
         assert row["best_eval_loss"] == pytest.approx(min(evals))
         assert row["final_loss"] == pytest.approx(train[-1]["loss"])
         assert row["tokens_per_s"] == pytest.approx(statistics.median(x["tokens_per_s"] for x in train))
+        assert row["mfu"] == pytest.approx(statistics.median(x["mfu"] for x in train))
         assert row["peak_memory_mib"] == pytest.approx(max(x["peak_memory_bytes"] for x in train) / 2**20)
         assert row["steps"] == train[-1]["step"]
         assert row["trainable_params"] == (None if r == 16 else LAYERS * len(MODULES) * 2 * r * HIDDEN)

@@ -148,6 +148,10 @@ class TrainerConfig:
     keep_best: bool = False
     """With keep_last, also keep the step checkpoint with the lowest eval loss (checkpoints whose
     step has an eval, i.e. save_every a multiple of eval_every)."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one worker's device, the denominator of the `mfu` metric. None looks
+    it up for known GPUs (bf16/fp16 tensor-core rate, TF32 for fp32) and measures a matmul on CPU;
+    see orchestrator/flops.py for how model FLOPs are counted."""
 
 
 @dataclass

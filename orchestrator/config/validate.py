@@ -125,6 +125,10 @@ def _static_checks(run: RunConfig, skip_resume: bool = False) -> list[str]:
     )
     need(t.epochs >= 1, f"trainer.epochs: must be >= 1, got {t.epochs}")
     need(t.log_every >= 1, f"trainer.log_every: must be >= 1, got {t.log_every}")
+    need(
+        t.peak_tflops is None or t.peak_tflops > 0,
+        f"trainer.peak_tflops: must be positive (TFLOP/s of one device) or null to look it up, got {t.peak_tflops}",
+    )
     for f in ("save_every", "eval_every", "keep_last"):
         need(getattr(t, f) >= 0, f"trainer.{f}: must be >= 0, got {getattr(t, f)}")
     need(d.max_seq_len >= 8, f"data.max_seq_len: must be >= 8, got {d.max_seq_len}")
