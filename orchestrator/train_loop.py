@@ -114,13 +114,14 @@ def setup(run: RunConfig) -> Job:
     tracker = Tracker(run, steps, start) if d.is_main else NullTracker()
     peak, peak_source = peak_flops(d.device, run.model.dtype, run.trainer.peak_tflops) if d.is_main else (0.0, "")
     log.info(
-        "trainable params: %d of %d (%.3f%%) | strategy=%s workers=%d | base bytes per worker: %d (frozen) | "
-        "%d train rows, %d eval rows, %d steps of %d sequences",
+        "trainable params: %d of %d (%.3f%%) | strategy=%s workers=%d (%d threads each) | base bytes per worker: "
+        "%d (frozen) | %d train rows, %d eval rows, %d steps of %d sequences",
         n_trainable,
         n_total,
         100 * n_trainable / n_total,
         run.strategy.name,
         d.world,
+        torch.get_num_threads(),
         frozen_bytes,
         len(train),
         len(evals),

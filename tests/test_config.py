@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from dataclasses import fields
@@ -125,8 +126,23 @@ def test_options_hold_only_what_they_change(group, option, tmp_path):
     required = [k for k, v in flatten(as_dict(RunConfig())).items() if v == "???" and k != "output_dir"]
     run = compose([f"{group}={option}", f"output_dir={tmp_path}", *(f"{k}=/given" for k in required)])
     composed = flatten(as_dict(getattr(run, group)))
-    left = [k for k in default if k not in sets and f"{group}.{k}" not in required]
+    left = [k for k in default if k not in sets and f"{group}.{k}" not in required + RESOLVED]
     assert {k: composed[k] for k in left} == {k: default[k] for k in left}
+
+
+# None in the schema, a number once composed (compose.resolve): what the run will really use.
+RESOLVED = ["cluster.cpus_per_worker"]
+
+
+def test_cpus_per_worker_defaults_to_the_machines_cores_on_a_local_run(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    one = compose(["experiment=demo", f"output_dir={tmp_path}", "cluster.num_workers=1", "strategy=single"])
+    assert one.cluster.cpus_per_worker == cores
+    assert compose(["experiment=demo", f"output_dir={tmp_path}"]).cluster.cpus_per_worker == max(cores // 2, 1)
+    given = compose(["experiment=demo", f"output_dir={tmp_path}", "cluster.cpus_per_worker=0.5"])
+    assert given.cluster.cpus_per_worker == 0.5
+    remote = compose(["experiment=demo", f"output_dir={tmp_path}", "cluster.address=ray://head:10001"])
+    assert remote.cluster.cpus_per_worker == 1.0  # another machine's cores are not ours to count
 
 
 def test_structured_config_keeps_every_field_and_default():

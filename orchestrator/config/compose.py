@@ -271,6 +271,11 @@ def resolve(cfg: DictConfig) -> RunConfig:
     if run.storage_path and run.name:
         # The run's identity is its name under shared storage: the same name continues that run.
         run.output_dir = run.storage_run_dir()
+    c = run.cluster
+    if c.cpus_per_worker is None:
+        local = c.kind == "local" and not c.address
+        # One thread per worker would leave a single local worker on one core of many.
+        c.cpus_per_worker = float(max(len(os.sched_getaffinity(0)) // max(c.num_workers, 1), 1)) if local else 1.0
     return run
 
 

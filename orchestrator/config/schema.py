@@ -195,8 +195,9 @@ class ClusterConfig:
     """Ray Train workers, one per GPU (or CPU process)."""
     use_gpu: bool = False
     """One GPU per worker, NCCL backend; false runs on CPU with gloo."""
-    cpus_per_worker: float = 1.0
-    """CPUs reserved for each worker."""
+    cpus_per_worker: float | None = None
+    """CPUs reserved for each worker; its torch uses that many threads. None: on a local run (no
+    cluster.address), this machine's cores shared evenly by the workers; on a cluster, 1."""
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     """Extra Ray resources per worker (e.g. {accelerator_type:H100: 0.001})."""
     max_failures: int = 0

@@ -142,7 +142,10 @@ def _static_checks(run: RunConfig, skip_resume: bool = False) -> list[str]:
     need(o.max_grad_norm >= 0, f"optim.max_grad_norm: must be >= 0 (0 disables clipping), got {o.max_grad_norm}")
     need(o.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {o.weight_decay}")
     need(c.num_workers >= 1, f"cluster.num_workers: must be >= 1, got {c.num_workers}")
-    need(c.cpus_per_worker > 0, f"cluster.cpus_per_worker: must be positive, got {c.cpus_per_worker}")
+    need(
+        c.cpus_per_worker is None or c.cpus_per_worker > 0,
+        f"cluster.cpus_per_worker: must be positive, or null for the default, got {c.cpus_per_worker}",
+    )
     need(c.max_failures >= 0, f"cluster.max_failures: must be >= 0, got {c.max_failures}")
     need(
         run.strategy.name != "single" or c.num_workers == 1,
