@@ -437,7 +437,31 @@ def report_command(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    """The `orchestrator` command. Run as a program (no argv given), it stops the Ray it started
+    and ends without the rest of Python's teardown: unloading torch, transformers and Ray, and
+    Ray's exit hook, which first sleeps half a second, take seconds after the work is done and
+    everything the command wrote is closed."""
+    if argv is not None:
+        return _dispatch(argv)
+    status = 0
+    try:
+        _dispatch(sys.argv[1:])
+    except SystemExit as e:
+        if isinstance(e.code, int):
+            status = e.code
+        elif e.code is not None:  # sys.exit("message"): what Python prints, with status 1
+            print(e.code, file=sys.stderr)
+            status = 1
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()  # its daemons' own children (Ray's agents) outlive a raylet that is not stopped
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _dispatch(argv: list[str]) -> None:
     logging.getLogger("orchestrator").setLevel(logging.INFO)
     if not argv:
         build_parser().print_help()
