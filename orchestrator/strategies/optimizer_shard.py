@@ -26,6 +26,7 @@ its part, rank 0 merges them, so no accelerator buffer ever holds the whole stat
 
 from __future__ import annotations
 
+import functools
 import heapq
 from pathlib import Path
 
@@ -59,15 +60,17 @@ class OptimizerShard:
         self.owned = partition([p.numel() for p in params], world)
         self.mine = [params[i] for i in self.owned[rank]]
         self.loads = [sum(params[i].numel() for i in o) for o in self.owned]
+        # The adapter is fp32 (PEFT's autocast_adapter_dtype); a narrower float tensor would
+        # travel in it unchanged too.
+        self.dtype = functools.reduce(torch.promote_types, {p.dtype for p in params})
 
     @torch.no_grad()
     def gather_params(self) -> None:
-        """Every rank's updated tensors to every rank, in one all-gather of flat fp32 buffers
-        (each rank's segment padded to the largest share)."""
+        """Every rank's updated tensors to every rank, in one all-gather of flat buffers (each
+        rank's segment padded to the largest share)."""
         size = max(self.loads)
-        send = torch.zeros(size, dtype=self.params[0].dtype, device=self.params[0].device)
-        if self.mine:
-            send[: self.loads[self.rank]] = torch.cat([p.reshape(-1) for p in self.mine])
+        send = torch.zeros(size, dtype=self.dtype, device=self.params[0].device)
+        torch.cat([p.reshape(-1).to(self.dtype) for p in self.mine], out=send[: self.loads[self.rank]])
         recv = torch.empty(size * self.world, dtype=send.dtype, device=send.device)
         _all_gather_single(recv, send)
         for r, indices in enumerate(self.owned):
