@@ -36,3 +36,15 @@ def build_scheduler(
     return get_scheduler(
         name, optimizer, num_warmup_steps=warmup_steps(cfg, total_steps), num_training_steps=total_steps
     )
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer state this worker holds (moments, 8-bit quantization constants),
+    each storage counted once (bitsandbytes shares one quantization map among all tensors)."""
+    seen: dict[tuple, int] = {}
+    for s in optimizer.state.values():
+        for t in s.values():
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                seen[st.device, st.data_ptr()] = st.nbytes()
+    return sum(seen.values())

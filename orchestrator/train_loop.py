@@ -25,7 +25,7 @@ from orchestrator.data import GlobalBatchSampler, collate, encode_rows, split_ro
 from orchestrator.distributed import Dist, peak_memory_bytes
 from orchestrator.flops import FlopCounter, peak_flops
 from orchestrator.model import fingerprint, load_base, load_tokenizer
-from orchestrator.optim import build_optimizer, build_scheduler
+from orchestrator.optim import build_optimizer, build_scheduler, state_bytes
 from orchestrator.rundir import INTERRUPT
 from orchestrator.strategies import Strategy, build_strategy
 from orchestrator.tracking import NullTracker, Tracker
@@ -61,6 +61,8 @@ class Job:
     frozen_bytes: float
     flops: FlopCounter
     peak_flops: float
+    optimizer_bytes: float = 0.0
+    """The largest optimizer state of any worker, measured after this attempt's first step."""
 
 
 def train_loop(config: dict) -> None:
@@ -174,6 +176,8 @@ def run_steps(job: Job) -> bool:
             job.strategy.backward(result.loss)
             loss += result.loss.detach().float()
         grad_norm = float(job.strategy.optimizer_step(job.optimizer, run.optim.max_grad_norm))
+        if step == job.start:
+            report_optimizer_bytes(job)
         lr = job.scheduler.get_last_lr()[0]
         job.scheduler.step()
         # The loss and whether any rank sees a stop request travel in one all-reduce, so the
@@ -197,6 +201,7 @@ def run_steps(job: Job) -> bool:
                     "target_tokens": n_target,
                     "peak_memory_bytes": d.max(peak_memory_bytes(d.device)),
                     "param_bytes_per_worker": job.frozen_bytes,
+                    "optimizer_bytes_per_worker": job.optimizer_bytes,
                     "epoch": step // job.sampler.steps_per_epoch,
                 },
             )
@@ -227,6 +232,14 @@ def finish(job: Job) -> None:
 
 
 # --- the pieces ---------------------------------------------------------------------------------
+
+
+def report_optimizer_bytes(job: Job) -> None:
+    """Log the optimizer state per worker (the largest over workers). Optimizers create their
+    state at their first step, so this runs after it rather than with the start-up figures."""
+    job.optimizer_bytes = job.d.max(state_bytes(job.optimizer))
+    log.info("optimizer state bytes per worker: %d (%s)", job.optimizer_bytes, job.run.optim.name)
+    job.tracker.summary({"optimizer_bytes_per_worker": job.optimizer_bytes})
 
 
 def total_steps(run: RunConfig, sampler: GlobalBatchSampler) -> int:

@@ -34,6 +34,9 @@ def test_loss_curves_agree_with_single_process(equivalence_run, case, strategy):
         assert base_here <= 0.6 * base_single, f"{strategy} does not shard the base: {base_here} vs {base_single} bytes"
     else:  # ZeRO-2 partitions gradients and optimizer state, not parameters
         assert base_here == base_single
+    optim_single = read_metrics(ref)[0]["optimizer_bytes_per_worker"]
+    optim_here = read_metrics(out)[0]["optimizer_bytes_per_worker"]
+    assert 0 < optim_here <= 0.6 * optim_single, f"{strategy}: optimizer state {optim_here} vs {optim_single} bytes"
 
 
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])

@@ -135,6 +135,7 @@ def test_validation_reports_ds_json_conflicts_and_missing_file(tmp_path):
         ("zero3_offload", {"offload": False}, "use strategy=zero3 for no offload"),
         ("zero2", {"reduce_bucket_size": 0}, "strategy.reduce_bucket_size: must be >= 1"),
         ("zero3", {"param_persistence_threshold": -1}, "strategy.param_persistence_threshold: must be >= 0"),
+        ("zero2", {"shard_optimizer": False}, "strategy.shard_optimizer=false with strategy=zero2"),
     ],
 )
 def test_static_refusals(name, strategy, fragment):

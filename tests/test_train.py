@@ -88,7 +88,8 @@ TOLERANCE = {"fp32": 1e-6, "bf16": 2e-3, "fp32-nf4": 1e-6, "bf16-nf4": 2e-3}
 @pytest.mark.parametrize("case", list(TOLERANCE))
 def test_fsdp_two_workers_match_single_process(equivalence_run, case):
     """Same seed and global batch: FSDP2 across 2 workers follows the single-process loss curve,
-    and each FSDP worker holds about half of the base."""
+    and each FSDP worker holds about half of the base and of the optimizer state (the latter
+    sharded by default, bit-identical to keeping it whole: test_optimizer_shard.py)."""
     single, fsdp = equivalence_run(case, "single"), equivalence_run(case, "fsdp")
     ls, lf = train_losses(single), train_losses(fsdp)
     assert len(ls) == len(lf) == 10
@@ -97,6 +98,9 @@ def test_fsdp_two_workers_match_single_process(equivalence_run, case):
     bytes_single = read_metrics(single)[0]["param_bytes_per_worker"]
     bytes_fsdp = read_metrics(fsdp)[0]["param_bytes_per_worker"]
     assert bytes_fsdp <= 0.6 * bytes_single, f"base not sharded: {bytes_fsdp} vs {bytes_single} bytes"
+    optim_single = read_metrics(single)[0]["optimizer_bytes_per_worker"]
+    optim_fsdp = read_metrics(fsdp)[0]["optimizer_bytes_per_worker"]
+    assert 0 < optim_fsdp <= 0.6 * optim_single, f"optimizer state not sharded: {optim_fsdp} vs {optim_single} bytes"
 
 
 # DoRA's magnitude vectors need the whole base weight, so DoRA trains under FSDP; rsLoRA only

@@ -74,6 +74,11 @@ class StrategyConfig:
     optimizer state and parameters offloaded to CPU memory."""
     reshard_after_forward: bool = True
     """FSDP: free gathered layers after forward (ZeRO-3-like); false keeps them (ZeRO-2-like)."""
+    shard_optimizer: bool = True
+    """fsdp, ddp: each of N workers keeps the adapter's optimizer state for only its ~1/N of the
+    adapter tensors and the updated tensors are all-gathered after each step (ZeRO-1); the numbers
+    are bit-identical to false, which keeps all of it on every worker, and checkpoints load either
+    way. single has nothing to share; DeepSpeed strategies always partition it (false is refused)."""
     offload: bool = False
     """DeepSpeed: offload optimizer state to CPU (zero2, zero3); zero3_offload also offloads
     parameters and requires true."""

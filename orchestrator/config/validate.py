@@ -259,6 +259,11 @@ def _deepspeed_static(run: RunConfig) -> list[str]:
         return p
     if s.name == "zero3_offload" and not s.offload:
         p.append("strategy=zero3_offload with strategy.offload=false: contradictory; use strategy=zero3 for no offload")
+    if not s.shard_optimizer:
+        p.append(
+            f"strategy.shard_optimizer=false with strategy={s.name}: DeepSpeed always partitions the optimizer state; "
+            "drop the override, or use strategy=ddp or strategy=fsdp to keep it whole on every worker"
+        )
     for f in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size"):
         if getattr(s, f) < 1:
             p.append(f"strategy.{f}: must be >= 1 element, got {getattr(s, f)}")

@@ -3,8 +3,11 @@
 Adapters are small next to the base (well under 1% of its parameters), so these strategies keep
 them as plain fp32 tensors on every worker and differ only in what they do with the base:
 single and ddp leave it whole on each worker, fsdp shards it with FSDP2. The optimizer
-(bitsandbytes kernels do not take DTensors) then sees plain tensors, every worker holds identical
-adapter and optimizer state, and saving or resharding a checkpoint needs no gather.
+(bitsandbytes kernels do not take DTensors) then sees plain tensors. Its state is the one part
+of the adapter that grows large (8 bytes per parameter for AdamW 32-bit): with
+strategy.shard_optimizer each worker keeps only its share of it (optimizer_shard.py, ZeRO-1),
+otherwise every worker holds all of it. Either way one optimizer.pt of the same format is saved,
+which loads on any number of workers.
 
 torch's DDP wrapper is not used for ddp: with a frozen base it would only all-reduce the adapter
 gradients, which the one flat collective here does too, without the wrapper's name prefixes and
@@ -14,6 +17,7 @@ its reentrant-checkpointing pitfalls.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +27,9 @@ from torch import nn
 
 from orchestrator.config.schema import StrategyConfig
 from orchestrator.strategies import OptimizerFactory
+from orchestrator.strategies.optimizer_shard import OptimizerShard
+
+log = logging.getLogger("orchestrator")
 
 ShardBase = Callable[[nn.Module, StrategyConfig, set], None]
 
@@ -57,6 +64,7 @@ class ReplicatedAdapterStrategy:
         self.cfg = cfg
         self.shard_base = shard_base
         self._params: list[nn.Parameter] = []
+        self.shard: OptimizerShard | None = None
 
     def load_context(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -65,7 +73,21 @@ class ReplicatedAdapterStrategy:
         self._params = [p for p in model.parameters() if p.requires_grad]
         if self.shard_base is not None:
             self.shard_base(model, self.cfg, set(self._params))
-        return model, make_optimizer(self._params)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        self.shard = None
+        if self.cfg.shard_optimizer and world > 1:
+            if len(self._params) >= world:
+                self.shard = OptimizerShard(self._params, dist.get_rank(), world)
+            else:  # a worker with no tensor of its own would have an optimizer over nothing
+                log.warning(
+                    "strategy.shard_optimizer: %d adapter tensors for %d workers; the optimizer state stays replicated",
+                    len(self._params),
+                    world,
+                )
+        optimizer = make_optimizer(self.shard.mine if self.shard else self._params)
+        if self.shard and len(optimizer.param_groups) != 1:
+            raise ValueError("strategy.shard_optimizer needs an optimizer with one parameter group")
+        return model, optimizer
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -74,7 +96,11 @@ class ReplicatedAdapterStrategy:
         allreduce_grads(self._params)
         norm = torch.nn.utils.clip_grad_norm_(self._params, max_grad_norm if max_grad_norm > 0 else float("inf"))
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        # All gradients, not only those of the optimizer's own tensors when it holds a share.
+        for p in self._params:
+            p.grad = None
+        if self.shard:
+            self.shard.gather_params()
         return norm.detach()
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -83,11 +109,16 @@ class ReplicatedAdapterStrategy:
     def param_bytes(self, model: nn.Module) -> dict[str, int]:
         return local_param_bytes(model)
 
-    # Every worker holds the same optimizer state, so one copy is saved and any number of
-    # workers can load it: resuming on a different worker count needs no resharding.
+    # One full copy of the optimizer state is saved, gathered from the shares when sharded, and
+    # any number of workers, sharded or not, can load it: no resharding between worker counts.
     def save_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state_dir: Path) -> None:
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if self.shard:
+            self.shard.save(optimizer, state_dir / "optimizer.pt")
+        elif not dist.is_initialized() or dist.get_rank() == 0:
             torch.save(optimizer.state_dict(), state_dir / "optimizer.pt")
 
     def load_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state_dir: Path) -> None:
-        optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=False))
+        if self.shard:
+            self.shard.load(optimizer, state_dir / "optimizer.pt")
+        else:
+            optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=False))
