@@ -24,6 +24,7 @@ from orchestrator.config.typed import to_typed
 from orchestrator.data import GlobalBatchSampler, collate, encode_rows, split_rows, target_tokens
 from orchestrator.distributed import Dist, peak_memory_bytes
 from orchestrator.flops import FlopCounter, peak_flops
+from orchestrator.loss import LossFn, build_loss
 from orchestrator.model import fingerprint, load_base, load_tokenizer
 from orchestrator.optim import build_optimizer, build_scheduler, state_bytes
 from orchestrator.rundir import INTERRUPT
@@ -52,6 +53,7 @@ class Job:
     sampler: GlobalBatchSampler
     strategy: Strategy
     model: nn.Module
+    loss: LossFn
     optimizer: torch.optim.Optimizer
     scheduler: Any
     ckpt: Checkpointer
@@ -96,6 +98,7 @@ def setup(run: RunConfig) -> Job:
     peft_model = adapters.attach_adapter(base, run.adapter)
     n_trainable, n_total = peft_model.get_nb_trainable_parameters()  # before sharding hides the sizes
     flops = FlopCounter.of(peft_model, base.config)
+    loss_fn = build_loss(peft_model, run.trainer.loss_chunk_tokens)
     ckpt = Checkpointer(run, d, strategy, peft_model, fingerprint(run.model, run.quant))
     ckpt.clean_torn()
     resume_from = ckpt.resume_point()
@@ -147,6 +150,7 @@ def setup(run: RunConfig) -> Job:
         sampler,
         strategy,
         model,
+        loss_fn,
         optimizer,
         scheduler,
         ckpt,
@@ -170,11 +174,9 @@ def run_steps(job: Job) -> bool:
         lengths = [len(job.train[i][0]) for i in global_rows]
         loss = torch.zeros((), device=d.device)
         for micro in job.sampler.step_indices(step):
-            result = job.model(
-                **_batch([job.train[i] for i in micro], job.pad_id, d), num_items_in_batch=max(n_target, 1)
-            )
-            job.strategy.backward(result.loss)
-            loss += result.loss.detach().float()
+            micro_loss = job.loss(job.model, _batch([job.train[i] for i in micro], job.pad_id, d), n_target)
+            job.strategy.backward(micro_loss)
+            loss += micro_loss.detach().float()
         grad_norm = float(job.strategy.optimizer_step(job.optimizer, run.optim.max_grad_norm))
         if step == job.start:
             report_optimizer_bytes(job)
@@ -289,8 +291,7 @@ def evaluate(job: Job) -> dict[str, float]:
             weight = 1.0 if chunk else 0.0
             rows = chunk or examples[:1]  # a stand-in batch keeps this worker in the collectives
             n = target_tokens(rows, range(len(rows)))
-            out = model(**_batch(rows, job.pad_id, d), num_items_in_batch=max(n, 1))
-            loss_sum += weight * out.loss.double().cpu() * max(n, 1)
+            loss_sum += weight * job.loss(model, _batch(rows, job.pad_id, d), n).double().cpu() * max(n, 1)
             tokens += weight * n
     model.train()
     loss_sum, tokens = d.all_reduce(loss_sum), d.all_reduce(tokens)

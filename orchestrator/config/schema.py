@@ -153,6 +153,10 @@ class TrainerConfig:
     keep_best: bool = False
     """With keep_last, also keep the step checkpoint with the lowest eval loss (checkpoints whose
     step has an eval, i.e. save_every a multiple of eval_every)."""
+    loss_chunk_tokens: int = 256
+    """Target positions per chunk of the output head and cross-entropy, computed together so that
+    the full-vocabulary logits of the batch never exist (orchestrator/loss.py; Liger's fused
+    kernel on CUDA when liger-kernel is installed). 0 computes transformers' full logits."""
     peak_tflops: float | None = None
     """Peak dense TFLOP/s of one worker's device, the denominator of the `mfu` metric. None looks
     it up for known GPUs (bf16/fp16 tensor-core rate, TF32 for fp32) and measures a matmul on CPU;

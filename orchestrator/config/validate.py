@@ -126,6 +126,10 @@ def _static_checks(run: RunConfig, skip_resume: bool = False) -> list[str]:
     need(t.epochs >= 1, f"trainer.epochs: must be >= 1, got {t.epochs}")
     need(t.log_every >= 1, f"trainer.log_every: must be >= 1, got {t.log_every}")
     need(
+        t.loss_chunk_tokens >= 0,
+        f"trainer.loss_chunk_tokens: must be >= 0 (0: full logits), got {t.loss_chunk_tokens}",
+    )
+    need(
         t.peak_tflops is None or t.peak_tflops > 0,
         f"trainer.peak_tflops: must be positive (TFLOP/s of one device) or null to look it up, got {t.peak_tflops}",
     )
