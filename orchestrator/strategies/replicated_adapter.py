@@ -13,7 +13,6 @@ its reentrant-checkpointing pitfalls.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from torch import nn
 from orchestrator.config.schema import StrategyConfig
 from orchestrator.strategies import OptimizerFactory
 
-ShardBase = Callable[[nn.Module, StrategyConfig, set], None]
+ShardModule = Callable[[nn.Module, StrategyConfig], None]
 
 
 def allreduce_grads(params: list[nn.Parameter]) -> None:
@@ -52,19 +51,18 @@ def local_param_bytes(model: nn.Module) -> dict[str, int]:
 
 
 class ReplicatedAdapterStrategy:
-    def __init__(self, cfg: StrategyConfig, shard_base: ShardBase | None = None):
+    def __init__(self, cfg: StrategyConfig, shard_module: ShardModule | None = None):
         self.name = cfg.name
         self.cfg = cfg
-        self.shard_base = shard_base
+        self.shard_module = shard_module
         self._params: list[nn.Parameter] = []
 
-    def load_context(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
+    def shard_layer(self, module: nn.Module) -> None:
+        if self.shard_module is not None:
+            self.shard_module(module, self.cfg)
 
     def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
         self._params = [p for p in model.parameters() if p.requires_grad]
-        if self.shard_base is not None:
-            self.shard_base(model, self.cfg, set(self._params))
         return model, make_optimizer(self._params)
 
     def backward(self, loss: torch.Tensor) -> None:
