@@ -21,10 +21,12 @@ The steps, per worker:
    and the whole layer is freed. A worker so holds its shard plus about one layer (plus, under
    NF4, that layer's quantization scratch), host and device.
 
-Who reads: every rank reads each layer itself from the memory-mapped files, rather than rank 0
-reading and broadcasting. On one node the ranks share the page cache, so the checkpoint is read
-from storage once per node whatever the worker count, and the per-layer cost is a memcpy; N nodes
-read it N times from shared storage. Rank-0-and-broadcast reads it once but ships every byte of
+Who reads: every rank reads each layer itself from the files, rather than rank 0 reading and
+broadcasting. On one node the ranks share the page cache, so the checkpoint is read from storage
+once per node whatever the worker count, and the per-layer cost is a copy out of the cache; N nodes
+read it N times from shared storage. Tensors are read with pread, not through mmap: a mapped
+checkpoint's pages count in a worker's resident (and, while only it maps them, private) memory
+until the file is closed, which would look exactly like holding the whole base. Rank-0-and-broadcast reads it once but ships every byte of
 the base over the interconnect to every rank anyway (the same bytes shared storage serves, in
 series behind one reader, and over gloo on CPU), needs a collective per layer that every strategy
 would have to schedule, and makes rank 0's memory the bottleneck. NF4 quantization is
@@ -43,6 +45,9 @@ whole (single, ddp, zero2) and is refused under fsdp and zero3.
 
 from __future__ import annotations
 
+import json
+import mmap
+import struct
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -65,11 +70,11 @@ class LoadError(ValueError):
 
 
 class Checkpoint:
-    """The tensors of a model directory's safetensors files by name, read lazily from mmap."""
+    """The tensors of a model directory's safetensors files by name, each read on demand with
+    pread into memory of its own: the file is never mapped into the worker, so the page cache
+    holds the bytes once per node and a worker's resident memory is only what it keeps."""
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
-
         from orchestrator.weights import SAFE_INDEX, SAFE_SINGLE, _index_shards, model_weight_problems
 
         self.path = Path(path)
@@ -77,27 +82,60 @@ class Checkpoint:
         if problems:
             raise LoadError("base " + "; ".join(problems))
         if (self.path / SAFE_INDEX).exists():
-            files = [self.path / f for f in _index_shards(self.path / SAFE_INDEX)]
+            self.files = [self.path / f for f in _index_shards(self.path / SAFE_INDEX)]
         elif (self.path / SAFE_SINGLE).exists():
-            files = [self.path / SAFE_SINGLE]
+            self.files = [self.path / SAFE_SINGLE]
         else:
             raise LoadError(
                 f"{self.path} holds no safetensors weights; loading layer by layer reads safetensors only "
                 "(convert the .bin files, e.g. save_pretrained with transformers 5)"
             )
         self.file: dict[str, Path] = {}
-        self._open = {}
-        for f in files:
-            handle = safe_open(str(f), framework="pt", device="cpu")
-            self._open[f] = handle
-            for k in handle.keys():
+        self._info: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        for f in self.files:
+            with f.open("rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+            for k, v in header.items():
+                if k == "__metadata__":
+                    continue
+                begin, end = v["data_offsets"]
                 self.file[k] = f
+                self._info[k] = (v["dtype"], tuple(v["shape"]), 8 + n + begin, end - begin)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._open[self.file[key]].get_slice(key).get_shape())
+        return self._info[key][1]
 
     def get(self, key: str) -> torch.Tensor:
-        return self._open[self.file[key]].get_tensor(key)
+        dtype, shape, offset, size = self._info[key]
+        if dtype not in ST_DTYPES:
+            raise LoadError(f"{self.file[key]}: tensor {key!r} has dtype {dtype}, which a base cannot load from")
+        if size == 0:
+            return torch.empty(shape, dtype=ST_DTYPES[dtype])
+        # Anonymous memory of its own, unmapped when the tensor dies: a heap block of this size
+        # would stay in the allocator's arena, pinned there by the shards allocated around it,
+        # and every layer read would add to the worker's memory for good.
+        buf = mmap.mmap(-1, size)
+        with self.file[key].open("rb", buffering=0) as f:
+            f.seek(offset)
+            got = f.readinto(buf)
+        if got != size:
+            raise LoadError(f"{self.file[key]}: tensor {key!r} is cut short ({got} of {size} bytes read)")
+        return torch.frombuffer(buf, dtype=torch.uint8).view(ST_DTYPES[dtype]).reshape(shape)
+
+
+ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def has_safetensors(path: Path) -> bool:
@@ -262,7 +300,7 @@ def _files(ckpt: Checkpoint, key: str) -> str:
     from orchestrator.weights import SAFE_INDEX
 
     index = ckpt.path / SAFE_INDEX
-    return str(index) + " (its weight_map)" if index.exists() else ", ".join(sorted({str(f) for f in ckpt._open}))
+    return str(index) + " (its weight_map)" if index.exists() else ", ".join(str(f) for f in ckpt.files)
 
 
 def _init_buffers(base: PreTrainedModel, ckpt: Checkpoint, device: torch.device) -> None:
