@@ -18,14 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator import adapters
 from orchestrator.config.schema import RunConfig
 from orchestrator.config.typed import to_typed
 from orchestrator.data import GlobalBatchSampler, collate, encode_rows, split_rows, target_tokens
 from orchestrator.distributed import Dist, peak_memory_bytes
 from orchestrator.flops import FlopCounter, peak_flops
 from orchestrator.loss import LossFn, build_loss
-from orchestrator.model import fingerprint, load_base, load_tokenizer
+from orchestrator.model import fingerprint, load_model, load_tokenizer
 from orchestrator.optim import build_optimizer, build_scheduler, state_bytes
 from orchestrator.rundir import INTERRUPT
 from orchestrator.strategies import Strategy, build_strategy
@@ -93,17 +92,14 @@ def setup(run: RunConfig) -> Job:
     evals = encode_rows(eval_rows, data.format, tokenizer, data.max_seq_len)
 
     strategy = build_strategy(run)
-    with strategy.load_context():
-        base = load_base(run.model, run.quant, d.device)
-    peft_model = adapters.attach_adapter(base, run.adapter)
-    n_trainable, n_total = peft_model.get_nb_trainable_parameters()  # before sharding hides the sizes
-    flops = FlopCounter.of(peft_model, base.config)
+    peft_model, (n_trainable, n_total) = load_model(run.model, run.quant, run.adapter, d.device, strategy.shard_layer)
+    flops = FlopCounter.of(peft_model, peft_model.config)
     loss_fn = build_loss(peft_model, run.trainer.loss_chunk_tokens)
     ckpt = Checkpointer(run, d, strategy, peft_model, fingerprint(run.model, run.quant))
     ckpt.clean_torn()
     resume_from = ckpt.resume_point()
     if resume_from is not None:
-        ckpt.restore_adapter(resume_from)  # into the whole adapter, before it is sharded
+        ckpt.restore_adapter(resume_from)  # into the whole adapter (only the base is sharded yet)
     model, optimizer = strategy.prepare(peft_model, lambda ps: build_optimizer(ps, run.optim, run.trainer.lr))
     model.train()
 
