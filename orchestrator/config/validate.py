@@ -544,8 +544,9 @@ def _resources(run: RunConfig, output_dir: bool = True) -> list[str]:
         if free < need:
             p.append(
                 f"{_run_dir_field(run)}: {probe} has {_human(free)} free but the run's checkpoints need about "
-                f"{_human(need)} (adapter.r={run.adapter.r}, trainer.save_every={t.save_every}, "
-                f"trainer.keep_last={t.keep_last}); free space, lower trainer.keep_last, or choose another output_dir"
+                f"{_human(need)} (adapter.r={run.adapter.r}, trainer.max_steps={t.max_steps}, "
+                f"trainer.save_every={t.save_every}, trainer.keep_last={t.keep_last}); free space, lower "
+                "trainer.keep_last, or choose another output_dir"
             )
     return p
 
