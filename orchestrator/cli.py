@@ -120,7 +120,7 @@ class TrainCommand:
             return None
         except (ConfigError, RunFailed, RunDirInUse, FileExistsError) as e:
             if not _multirun():
-                if isinstance(e, ConfigError):
+                if isinstance(e, (ConfigError, RunDirInUse)):
                     _discard_hydra_dir()
                 _fail(str(e), 2 if isinstance(e, ConfigError) else 1)
             log.error("error: %s", e)
@@ -267,7 +267,8 @@ def _multirun() -> bool:
 
 
 def _discard_hydra_dir() -> None:
-    """A run that fails validation leaves nothing behind. Hydra made its run directory (its .hydra/
+    """A run that fails validation, or is refused a directory in use, leaves nothing behind. Hydra
+    made its run directory (its .hydra/
     and the job log) before any check could run; remove it, and the parents Hydra created, as long
     as they hold nothing else. (A multirun keeps them: the sweep report reads each run's error there.)"""
     import shutil
