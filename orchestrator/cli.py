@@ -163,6 +163,7 @@ class TrainCommand:
             raise ConfigError(self.problems + e.problems) from None
         if self.problems:
             raise ConfigError(self.problems)
+        check_memory(run)
         if _multirun():
             self._name_sweep_run(run)
         if run.cluster.kind == "local":
@@ -259,6 +260,22 @@ class TrainCommand:
                 self.failed.append(
                     f"{job['run_dir']}: job {job['id']} ended {state}{': ' + message if message else ''}"
                 )
+
+
+def check_memory(run: Any) -> None:
+    """Refuse a run whose predicted peak per worker exceeds the memory its workers will have,
+    showing the plan (trainer.check_memory=false trains anyway)."""
+    from orchestrator.config import ConfigError
+
+    if not run.trainer.check_memory:
+        return
+    from orchestrator.plan import check_fits, render
+
+    plan = check_fits(run)
+    if plan is not None:
+        raise ConfigError(
+            ["the run does not fit in memory (set trainer.check_memory=false to train anyway):\n" + render(plan)]
+        )
 
 
 def _override_key(arg: str) -> str:
@@ -434,6 +451,7 @@ def run_command(args: argparse.Namespace) -> None:
         demo.localise(run)
         on_cluster = run.cluster.kind != "local"
         validate(run, on_cluster=on_cluster)
+        check_memory(run)
         resume = shlex.join([*invocation(), "run", str(args.config)])
         print(f"adapter written to {driver.train(run, on_cluster=on_cluster, resume_command=resume)}")
     except ConfigError as e:

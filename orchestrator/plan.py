@@ -510,6 +510,8 @@ class Plan:
 def default_device_memory(run: RunConfig) -> tuple[int | None, str]:
     """What one worker will have: the local GPU's memory for GPU runs on this machine, else the
     host memory divided among the workers of a local run; unknown for a remote cluster."""
+    if run.trainer.device_memory:
+        return parse_bytes(run.trainer.device_memory), "trainer.device_memory"
     if run.cluster.use_gpu:
         try:
             import torch
