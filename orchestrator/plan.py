@@ -11,7 +11,8 @@ worker, at load and in steady state, itemised:
 - activations of one micro-batch: per layer and token, coefficients measured from the tensors
   autograd saves for a Llama decoder layer with LoRA on every linear layer (an upper bound for
   fewer targets), the layer inputs only under gradient checkpointing plus one layer recomputed,
-  and the loss over the vocabulary (logits, their fp32 copy, log-softmax and its gradient);
+  and the loss over the vocabulary (one chunk of logits with trainer.loss_chunk_tokens, else the
+  whole batch's logits, their fp32 copy, log-softmax and its gradient);
 - communication buffers: FSDP's gathered layers, DeepSpeed's buckets, the flat all-reduce;
 - framework overhead: on CPU the Python, torch and Ray worker process (calibrated against the
   runs' measured peaks, see CALIBRATION), on GPU the CUDA context.
@@ -217,14 +218,6 @@ def optimizer_state_bytes(numels: list[int], name: str) -> int:
     return total
 
 
-def shard_of(numels: list[int], n: int) -> list[int]:
-    """The largest of n balanced shares of these tensors (whole tensors, largest first)."""
-    shares = [[] for _ in range(n)]
-    for x in sorted(numels, reverse=True):
-        min(shares, key=sum).append(x)
-    return max(shares, key=sum)
-
-
 def activation_bytes(shape: Shape, run: RunConfig, tokens: int, device: str) -> dict[str, int]:
     """Live activation bytes of one micro-batch of `tokens` tokens at its peak."""
     dt = DTYPE_BYTES[run.model.dtype]
@@ -242,9 +235,16 @@ def activation_bytes(shape: Shape, run: RunConfig, tokens: int, device: str) -> 
         out["one layer recomputed"] = tokens * per_layer_token
     else:
         out["saved by every layer"] = shape.layers * tokens * per_layer_token
-    # logits in dtype, their fp32 copy's log-softmax, and in backward its gradient and the
-    # gradient of the logits: the largest single tensors at a 128k vocabulary.
-    out["logits and loss"] = tokens * shape.vocab * (dt + 12)
+    chunk = getattr(run.trainer, "loss_chunk_tokens", 0)
+    if chunk > 0:
+        # orchestrator/loss.py: per chunk of target positions the logits in dtype and fp32 and
+        # their softmax; the target rows' hidden states and their gradient, kept for backward.
+        out["loss chunk (logits of one chunk)"] = min(chunk, tokens) * shape.vocab * (dt + 8)
+        out["loss: target hidden states and gradient"] = 2 * tokens * shape.hidden * dt
+    else:
+        # transformers' loss: logits in dtype, their fp32 copy's log-softmax, and in backward its
+        # gradient and the gradient of the logits: the largest tensors at a 128k vocabulary.
+        out["logits and loss"] = tokens * shape.vocab * (dt + 12)
     if run.adapter.kind == "dora":
         out["DoRA weight norm (one weight)"] = 2 * shape.largest_adapted * 4
     slack = CALIBRATION["cpu_allocator_slack"] if device == "cpu" else CALIBRATION["cuda_allocator_slack"]
@@ -395,14 +395,23 @@ def strategy_plan(shape: Shape, run: RunConfig, strategy: str, device: str, toke
 
     transient_step: list[Item] = []
     if stage is None:
-        share = shape.adapter
-        if getattr(run.strategy, "shard_optimizer", False) and n > 1:
-            share = shard_of(shape.adapter, n)
+        state = optimizer_state_bytes(shape.adapter, run.optim.name)
+        sharded = strategy != "single" and n > 1 and run.strategy.shard_optimizer
+        if sharded:  # the tensors each worker steps, as strategies/optimizer_shard assigns them
+            from orchestrator.strategies.optimizer_shard import partition
+
+            owned = partition(shape.adapter, n)
+            state = max(optimizer_state_bytes([shape.adapter[i] for i in o], run.optim.name) for o in owned)
+            largest_share = max(sum(shape.adapter[i] for i in o) for o in owned)
         steady.append(Item("adapter parameters (fp32)", 4 * A))
         steady.append(Item("adapter gradients (fp32)", 4 * A))
-        steady.append(Item(f"optimizer state ({run.optim.name})", optimizer_state_bytes(share, run.optim.name)))
+        steady.append(
+            Item(f"optimizer state ({run.optim.name})", state, "this worker's share" if sharded else "replicated")
+        )
         if n > 1:
             transient_step.append(Item("flat gradient all-reduce", 4 * A, "during the optimizer step"))
+        if sharded:
+            transient_step.append(Item("parameter all-gather buffers", 4 * largest_share * (n + 1), "after the step"))
     else:
         lp = A * dt
         part = math.ceil(A / n)

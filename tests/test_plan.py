@@ -76,7 +76,15 @@ def test_counts_and_bytes_match_hand_arithmetic(config_only):
     assert item(plan, "fsdp", "steady", "base weights held") == 4 * BASE // 2
     assert item(plan, "fsdp", "steady", "adapter parameters (fp32)") == 4 * ADAPTER
     assert item(plan, "fsdp", "steady", "adapter gradients (fp32)") == 4 * ADAPTER
-    assert item(plan, "ddp", "steady", "optimizer state (adamw)") == 8 * ADAPTER
+    # each of 2 workers steps half of the adapter (strategy.shard_optimizer, whole tensors balanced)
+    assert item(plan, "ddp", "steady", "optimizer state (adamw)") == 8 * ADAPTER // 2
+    replicated = P.make_plan(
+        run_for(
+            config_only, "model.dtype=fp32", "optim=adamw", "cluster.num_workers=2", "strategy.shard_optimizer=false"
+        ),
+        2**40,
+    )
+    assert item(replicated, "ddp", "steady", "optimizer state (adamw)") == 8 * ADAPTER
     # ZeRO-3 partitions what is at least strategy.param_persistence_threshold (100k) elements and
     # keeps smaller tensors whole next to their partition: every tensor here is smaller.
     assert item(plan, "zero3", "steady", "base weights held") == 4 * BASE + 4 * sum(
@@ -86,7 +94,11 @@ def test_counts_and_bytes_match_hand_arithmetic(config_only):
     tokens = 2 * 32
     per_token = 24 * 64 + 16 * 128 + 8 * 32 + 4 * 4 + 4 * 8 * 7
     assert item(plan, "single", "steady", "activations: saved by every layer") == 2 * tokens * per_token
-    assert item(plan, "single", "steady", "activations: logits and loss") == tokens * 100 * (4 + 12)
+    # the chunked loss (trainer.loss_chunk_tokens=256 > 64 tokens): one chunk's logits, fp32 and
+    # softmax, plus the target rows' hidden states and their gradient
+    assert item(plan, "single", "steady", "activations: loss chunk (logits of one chunk)") == tokens * 100 * (4 + 8)
+    unchunked = P.make_plan(run_for(config_only, "model.dtype=fp32", "trainer.loss_chunk_tokens=0"), 2**40)
+    assert item(unchunked, "single", "steady", "activations: logits and loss") == tokens * 100 * (4 + 12)
     # every figure is a sum of its items, and the peak the larger phase
     for p in plan.plans.values():
         assert p.peak_bytes == max(sum(i.bytes for i in p.load), sum(i.bytes for i in p.steady))
