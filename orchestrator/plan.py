@@ -350,19 +350,24 @@ def load_items(shape: Shape, run: RunConfig, strategy: str, n: int, device: str)
     full = _base_shard(shape, run, "single", 1)
     nf4 = run.quant.kind == "nf4"
     largest = max((p.numel for p in shape.base), default=0)
+    largest_quantized = max((p.numel for p in shape.base if p.quantized), default=0)
     items = [_overhead(run, strategy, device)]
     if strategy in SHARDED_LOAD:
-        items.append(Item("base weights held", _base_shard(shape, run, strategy, n)))
+        shard = _base_shard(shape, run, strategy, n)
+        if strategy == "zero3_offload" and device == "cuda":
+            items.append(Item("base weights held", 0, f"partition of {human(shard)} in host memory"))
+        else:
+            items.append(Item("base weights held", shard))
         items.append(Item("one layer in source dtype", _source_layer_bytes(shape, run)))
         if nf4:
-            items.append(Item("quantization scratch (one weight, fp32)", 4 * largest))
+            items.append(Item("quantization scratch (one weight, fp32)", 4 * largest_quantized))
     elif ZERO_STAGES.get(strategy) == 3 and not nf4:
         items.append(Item("base weights held", _base_shard(shape, run, strategy, n), "zero-init partition"))
         items.append(Item("one tensor gathered while loading", largest * dt))
     else:
         items.append(Item("base weights held", full, "whole base on every worker"))
         if nf4:
-            items.append(Item("quantization scratch (one weight in source dtype)", largest * dt))
+            items.append(Item("quantization scratch (one weight in source dtype)", largest_quantized * dt))
     if nf4:
         items.append(Item("NF4 constants", _nf4_constants(shape, run)))
     return items

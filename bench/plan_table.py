@@ -1,0 +1,91 @@
+"""The planner's figures for Llama-3-8B and Llama-3-70B QLoRA (README, issue 13 item 6), from
+config.json alone: r=16 and r=64 on every linear layer, sequences of 2048 and 4096, on 1x80 GB,
+2x24 GB and 8x80 GB. For each: the run as configured (fsdp, micro-batch 1, gradient
+checkpointing, paged 8-bit AdamW, bf16 compute) and what the planner advises.
+
+    python bench/plan_table.py        # prints a markdown table, writes bench/results/plan-llama3.json
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHARDED = frozenset({"fsdp", "zero3", "zero3_offload"})
+SETUPS = {"1x80GB": (1, "80GB"), "2x24GB": (2, "24GB"), "8x80GB": (8, "80GB")}
+
+
+def main() -> None:
+    from orchestrator import demo
+    from orchestrator import plan as P
+    from orchestrator.config import compose
+    from orchestrator.plan import make_plan, parse_bytes
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in ("8b", "70b"):
+            path = demo.write_llama3_config(Path(tmp) / size, size)
+            shape = None
+            for r in (16, 64):
+                for seq in (2048, 4096):
+                    for setup, (n, mem) in SETUPS.items():
+                        run = compose(
+                            [
+                                "experiment=llama3_8b_qlora",
+                                f"model.path={path}",
+                                "output_dir=unused",
+                                f"adapter.r={r}",
+                                f"adapter.alpha={2 * r}",
+                                f"data.max_seq_len={seq}",
+                                "trainer.micro_batch_size=1",
+                                f"cluster.num_workers={n}",
+                                "strategy=" + ("single" if n == 1 else "fsdp"),
+                            ]
+                        )
+                        if rows and rows[-1]["r"] != r:
+                            shape = None
+                        plan = make_plan(run, device_memory=parse_bytes(mem), shape=shape)
+                        shape = plan.shape
+                        P.SHARDED_LOAD = SHARDED
+                        sharded = make_plan(run, device_memory=parse_bytes(mem), shape=shape)
+                        P.SHARDED_LOAD = frozenset()
+                        rows.append(
+                            {
+                                "model": f"llama3-{size}",
+                                "r": r,
+                                "seq": seq,
+                                "setup": setup,
+                                "adapter_params": plan.shape.adapter_params,
+                                "today": {s: p.as_dict() for s, p in plan.plans.items() if p.problem is None},
+                                "sharded_load": {s: p.as_dict() for s, p in sharded.plans.items() if p.problem is None},
+                                "advice_today": plan.advice,
+                                "advice_sharded_load": sharded.advice,
+                            }
+                        )
+    out = HERE / "results" / "plan-llama3.json"
+    out.write_text(json.dumps(rows, indent=2) + "\n")
+    gib = 2**30
+    print(
+        "| model | r | seq | GPUs | single | fsdp steady | fsdp load today | fsdp load sharded | "
+        "zero3_offload steady (host) | advice with the sharded loader |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for x in rows:
+        t, sh = x["today"], x["sharded_load"]
+        single = f"{t['single']['peak_bytes'] / gib:.1f}" if "single" in t else "-"
+        off = sh["zero3_offload"]
+        host = sum(i["bytes"] for i in off["host"])
+        advice = x["advice_sharded_load"]
+        advice = advice.split(". Fits: ")[-1].split(";")[0] if "Fits:" in advice else advice.split(":")[0]
+        print(
+            f"| {x['model']} | {x['r']} | {x['seq']} | {x['setup']} | {single} | "
+            f"{t['fsdp']['steady_bytes'] / gib:.1f} | {t['fsdp']['load_bytes'] / gib:.1f} | "
+            f"{sh['fsdp']['load_bytes'] / gib:.1f} | {off['steady_bytes'] / gib:.1f} ({host / gib:.1f}) | {advice} |"
+        )
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
