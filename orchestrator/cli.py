@@ -497,9 +497,10 @@ def plan_command(args: argparse.Namespace) -> None:
         print("before the probe:")
         plan.print_plan(probed["before"])
         m = probed["measured"]
+        refitted = ", ".join(f"{k}={v:.4g}" for k, v in probed["refitted"].items())
         print(
-            f"\nmeasured per worker: start {plan.human(m['start'])}, load peak {plan.human(m['load'])}, "
-            f"steady peak {plan.human(m['steady'])}\n\nafter refitting the overhead terms:"
+            f"\nmeasured per worker: start {plan.human(m['start'])}, load peak {plan.human(m['load_peak'])}, "
+            f"steady peak {plan.human(m['steady_peak'])}\n\nafter refitting the overhead terms ({refitted}):"
         )
         plan.print_plan(probed["after"])
         return

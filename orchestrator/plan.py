@@ -726,8 +726,9 @@ def check_fits(run: RunConfig) -> Plan | None:
 
 
 def probe(run: RunConfig, workdir: Any) -> dict[str, Any]:
-    """Train two real steps of `run` and refit the calibrated overhead terms to what its workers
-    measured. Returns {"before": plan dict, "after": plan dict, "measured": {...}}."""
+    """Train two real steps of `run` (in this process for one CPU worker, as the tests do, else on
+    Ray) and refit the calibrated overhead terms to what its workers measured. Returns the plans
+    before and after, the measured figures and the refitted terms; CALIBRATION is left as it was."""
     import json
     from pathlib import Path
 
@@ -739,7 +740,7 @@ def probe(run: RunConfig, workdir: Any) -> dict[str, Any]:
         run,
         output_dir=str(out),
         resume="never",
-        trainer=replace(run.trainer, max_steps=2, save_every=0, eval_every=0, log_every=1),
+        trainer=replace(run.trainer, max_steps=2, save_every=0, eval_every=0, log_every=1, check_memory=False),
         data=replace(run.data, eval_fraction=0.0, eval_path=None),
         tracking=replace(run.tracking, backend="none"),
     )
@@ -753,20 +754,30 @@ def probe(run: RunConfig, workdir: Any) -> dict[str, Any]:
         train_loop({"run": as_dict(probe_run)})
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "steady_peak_memory_bytes" in r]
-    measured = {
-        "load": max(r["load_peak_memory_bytes"] for r in steps),
-        "steady": max(r["steady_peak_memory_bytes"] for r in steps),
-        "start": max(r["start_memory_bytes"] for r in steps),
-    }
-    refit(before, measured)
-    after = make_plan(probe_run, shape=before.shape)
-    return {"before": before, "after": after, "measured": measured}
+    measured = {k: max(r[f"{k}_memory_bytes"] for r in steps) for k in ("start", "load_peak", "steady_peak")}
+    saved = dict(CALIBRATION)
+    try:
+        refitted = refit(before, measured["steady_peak"])
+        after = make_plan(probe_run, shape=before.shape)
+    finally:
+        CALIBRATION.clear()
+        CALIBRATION.update(saved)
+    return {"before": before, "after": after, "measured": measured, "refitted": refitted}
 
 
-def refit(plan: Plan, measured: dict[str, float]) -> None:
-    """Move the framework term so that the chosen strategy's steady prediction meets the measured
-    steady peak (the items it is added to are exact counts; the remainder is the framework's)."""
+def refit(plan: Plan, steady_peak: float) -> dict[str, float]:
+    """Move the overhead term so that the chosen strategy's steady prediction meets the measured
+    steady peak: on CPU the process's own memory, on GPU the allocator slack (torch's allocated
+    bytes, which the measurement is, exclude the CUDA context). Every other item is an exact
+    count or a measured coefficient; what remains is the overhead's."""
     p = plan.chosen
-    gap = measured["steady"] - p.steady_bytes
-    key = "cuda_context_bytes" if plan.device == "cuda" else "cpu_process_bytes"
-    CALIBRATION[key] = max(CALIBRATION[key] + gap, 0.0)
+    if plan.device == "cuda":
+        context = CALIBRATION["cuda_context_bytes"]
+        acts = sum(i.bytes for i in p.steady if i.name.startswith("activations") and "slack" not in i.name)
+        slack = sum(i.bytes for i in p.steady if i.name == "activations: allocator slack")
+        gap = steady_peak - (p.steady_bytes - context)
+        CALIBRATION["cuda_allocator_slack"] = max((slack + gap) / max(acts, 1), 0.0)
+        return {"cuda_allocator_slack": CALIBRATION["cuda_allocator_slack"]}
+    gap = steady_peak - p.steady_bytes
+    CALIBRATION["cpu_process_bytes"] = max(CALIBRATION["cpu_process_bytes"] + gap, 0.0)
+    return {"cpu_process_bytes": CALIBRATION["cpu_process_bytes"]}

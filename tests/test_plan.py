@@ -263,3 +263,24 @@ def test_train_refuses_a_run_that_cannot_fit(demo_model, tmp_path):
     assert not out.exists()
     bad = cli("train", "experiment=demo", f"output_dir={out}", "trainer.device_memory=huge", cwd=tmp_path)
     assert bad.returncode == 2 and "trainer.device_memory: 'huge' is not a memory size" in bad.stderr
+
+
+@pytest.mark.slow
+def test_probe_trains_two_steps_and_refits_the_overhead(demo_model, capsys):
+    code, stdout, stderr = plan_cli(
+        capsys,
+        "experiment=demo",
+        "strategy=single",
+        "cluster.num_workers=1",
+        "trainer.micro_batch_size=8",
+        "--probe",
+        "--json",
+    )
+    assert code == 0, stderr[-3000:]
+    out = json.loads(stdout)
+    measured = out["measured"]
+    assert 0 < measured["start"] <= measured["steady_peak"]
+    # after the refit the chosen strategy's steady figure is the measured one (the overhead moved)
+    assert out["after"]["steady_bytes_per_worker"] == pytest.approx(measured["steady_peak"], abs=16)
+    assert out["refitted"]["cpu_process_bytes"] != P.CALIBRATION["cpu_process_bytes"]  # restored after
+    assert out["before"]["strategies"]["fsdp"]["steady_bytes"] != out["after"]["strategies"]["fsdp"]["steady_bytes"]
