@@ -28,6 +28,7 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.config.schema import ZERO_STAGES, RunConfig
@@ -62,9 +63,9 @@ CALIBRATION: dict[str, float] = {
     # Ray worker and the tokenized data.
     "cpu_process_bytes": 600 * MiB,
     # DeepSpeed's import and engine on top of that.
-    "cpu_deepspeed_bytes": 60 * MiB,
+    "cpu_deepspeed_bytes": 25 * MiB,
     # One-time buffers of the first forward/backward on CPU (oneDNN/OpenMP scratch, thread pools).
-    "cpu_first_step_bytes": 60 * MiB,
+    "cpu_first_step_bytes": 25 * MiB,
     # glibc keeps freed activation memory mapped (its mmap threshold grows with each freed block),
     # so a CPU worker's resident peak exceeds the live activations by this fraction of them.
     "cpu_allocator_slack": 1.0,
@@ -111,6 +112,10 @@ class Shape:
     """Adapted modules in one decoder layer."""
     largest_adapted: int
     """Elements of the largest adapted weight (DoRA recomputes its norm each forward)."""
+    checkpoint_bytes: int = 0
+    """Bytes of the weight files (their sizes; none is opened), or the parameters in config.json's
+    dtype where there are none."""
+    checkpoint_dtype_bytes: int = 2
 
     @property
     def base_params(self) -> int:
@@ -163,7 +168,13 @@ def model_shape(run: RunConfig, model_config: PretrainedConfig | None = None) ->
     heads = getattr(cfg, "num_attention_heads", 1) or 1
     hidden = getattr(cfg, "hidden_size", 0)
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    source = str(getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or "bfloat16")
+    source_bytes = 4 if "32" in source else 2
+    files = sorted(Path(run.model.path).glob("*.safetensors"))
+    checkpoint = sum(f.stat().st_size for f in files) or sum(p.numel for p in base) * source_bytes
     return Shape(
+        checkpoint_bytes=checkpoint,
+        checkpoint_dtype_bytes=source_bytes,
         model_type=cfg.model_type,
         layers=len(layers),
         hidden=hidden,
@@ -370,6 +381,11 @@ def load_items(shape: Shape, run: RunConfig, strategy: str, n: int, device: str)
             items.append(Item("quantization scratch (one weight in source dtype)", largest_quantized * dt))
     if nf4:
         items.append(Item("NF4 constants", _nf4_constants(shape, run)))
+    converted = nf4 or shape.checkpoint_dtype_bytes != dt
+    if device == "cpu" and converted and strategy not in SHARDED_LOAD:
+        # transformers memory-maps the safetensors files; on CPU the pages it reads are resident
+        # while it loads. Where the dtype matches they are the base itself (no copy is made).
+        items.append(Item("checkpoint pages mapped while loading", shape.checkpoint_bytes, "CPU: file pages in RSS"))
     return items
 
 
