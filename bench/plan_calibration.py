@@ -35,16 +35,12 @@ CASES = {
 MODELS = {"tiny": None, "mid": (1024, 8)}
 
 
-def measure(work: Path, model: Path | None, data: Path, case: str, strategy: str, seq: int, steps: int) -> dict:
-    from orchestrator import driver
-    from orchestrator.config import compose, validate
-    from orchestrator.plan import make_plan
-
+def overrides(work: Path, model: Path | None, data: Path, case: str, strategy: str, seq: int, steps: int) -> list[str]:
     shape = ["cluster.num_workers=1", "trainer.micro_batch_size=8"]
     if strategy != "single":
         shape = ["cluster.num_workers=2", "trainer.micro_batch_size=4"]
     out = work / f"{model.name if model else 'tiny'}-{case}-{strategy}"
-    overrides = [
+    return [
         "experiment=demo",
         f"output_dir={out}",
         "tracking=none",
@@ -57,10 +53,25 @@ def measure(work: Path, model: Path | None, data: Path, case: str, strategy: str
         f"strategy={strategy}",
         *CASES[case],
         *shape,
+        *([f"model.path={model}"] if model is not None else []),
     ]
-    if model is not None:
-        overrides.append(f"model.path={model}")
-    run = validate(compose(overrides))
+
+
+def predict(run, strategy: str, seq: int) -> dict:  # noqa: ANN001 - a RunConfig
+    from orchestrator.plan import make_plan
+
+    plan = make_plan(run, tokens=run.trainer.micro_batch_size * seq)
+    p = plan.plans[strategy]
+    return {"load": p.load_bytes, "steady": p.steady_bytes, "items": p.as_dict(), "shape": plan.shape}
+
+
+def measure(work: Path, model: Path | None, data: Path, case: str, strategy: str, seq: int, steps: int) -> dict:
+    from orchestrator import driver
+    from orchestrator.config import compose, validate
+
+    ov = overrides(work, model, data, case, strategy, seq, steps)
+    out = Path(ov[1].split("=", 1)[1])
+    run = validate(compose(ov))
     t0 = time.perf_counter()
     driver.train(run)  # single too: one Ray worker, a process of its own like the others
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -70,21 +81,60 @@ def measure(work: Path, model: Path | None, data: Path, case: str, strategy: str
         "load": max(r["load_peak_memory_bytes"] for r in steps_rows),
         "steady": max(r["steady_peak_memory_bytes"] for r in steps_rows),
     }
-    plan = make_plan(run, tokens=run.trainer.micro_batch_size * seq)
-    p = plan.plans[strategy]
+    pred = predict(run, strategy, seq)
     return {
         "model": model.name if model else "tiny-llama",
         "case": case,
         "strategy": strategy,
         "workers": run.cluster.num_workers,
-        "base_params": plan.shape.base_params,
-        "adapter_params": plan.shape.adapter_params,
+        "base_params": pred["shape"].base_params,
+        "adapter_params": pred["shape"].adapter_params,
         "measured": measured,
-        "predicted": {"load": p.load_bytes, "steady": p.steady_bytes},
-        "ratio": {k: p.__getattribute__(f"{k}_bytes") / measured[k] for k in ("load", "steady")},
-        "items": p.as_dict(),
+        "predicted": {"load": pred["load"], "steady": pred["steady"]},
+        "ratio": {k: pred[k] / measured[k] for k in ("load", "steady")},
+        "items": pred["items"],
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def repredict(paths: list[Path], out: Path, seq: int, steps: int) -> None:
+    """The predictions of the current planner for runs measured before (no training)."""
+    from orchestrator import demo
+    from orchestrator.config import compose
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="plan-calibration-") as tmp:
+        work = Path(tmp)
+        import os
+
+        os.environ.setdefault("ORCHESTRATOR_DEMO_DIR", str(work / "demo"))
+        demo.ensure_demo_assets()
+        data = build_data(work, 4)
+        models = {"tiny-llama": None}
+        for path in paths:
+            for r in json.loads(path.read_text())["results"]:
+                if r["model"] not in models:
+                    name = next(k for k, v in MODELS.items() if v and r["model"] == f"llama-h{v[0]}-l{v[1]}")
+                    models[r["model"]] = build_model(work, *MODELS[name])
+                run = compose(overrides(work, models[r["model"]], data, r["case"], r["strategy"], seq, steps))
+                pred = predict(run, r["strategy"], seq)
+                r["predicted"] = {"load": pred["load"], "steady": pred["steady"]}
+                r["ratio"] = {k: pred[k] / r["measured"][k] for k in ("load", "steady")}
+                r["items"] = pred["items"]
+                results.append(r)
+                report(r)
+    out.write_text(json.dumps({"host": platform.node(), "results": results}, indent=2) + "\n")
+    print(f"written to {out}")
+
+
+def report(r: dict) -> None:
+    m, p = r["measured"], r["predicted"]
+    print(
+        f"{r['model']:18} {r['case']:9} {r['strategy']:13} load {p['load'] / 2**20:8.1f} / "
+        f"{m['load'] / 2**20:8.1f} MiB ({r['ratio']['load']:.3f})   steady {p['steady'] / 2**20:8.1f} / "
+        f"{m['steady'] / 2**20:8.1f} MiB ({r['ratio']['steady']:.3f})",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -95,7 +145,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "plan-calibration-cpu.json")
+    ap.add_argument("--repredict", type=Path, nargs="+", help="measured results to predict again, no training")
     args = ap.parse_args()
+    if args.repredict:
+        return repredict(args.repredict, args.out, args.seq, args.steps)
     import ray
 
     results = []
@@ -119,13 +172,7 @@ def main() -> None:
                         print(f"{name} {case} {strategy}: failed: {e}", flush=True)
                         continue
                     results.append(r)
-                    m, p = r["measured"], r["predicted"]
-                    print(
-                        f"{r['model']:18} {case:9} {strategy:13} load {p['load'] / 2**20:8.1f} / "
-                        f"{m['load'] / 2**20:8.1f} MiB ({r['ratio']['load']:.3f})   steady {p['steady'] / 2**20:8.1f} / "
-                        f"{m['steady'] / 2**20:8.1f} MiB ({r['ratio']['steady']:.3f})   start {m['start'] / 2**20:7.1f}",
-                        flush=True,
-                    )
+                    report(r)
         ray.shutdown()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(

@@ -622,12 +622,21 @@ def advise(plan: Plan) -> str:
         (strategy_plan(plan.shape, _variant(run, s, 1, True), s, plan.device) for s in STRATEGIES if s != "single"),
         key=lambda p: p.peak_bytes,
     )
-    biggest = max(smallest.steady, key=lambda i: i.bytes)
+    phase = "load" if smallest.load_bytes > smallest.steady_bytes else "steady"
+    biggest = max(getattr(smallest, phase), key=lambda i: i.bytes)
+    helps = ["more workers"] if phase == "steady" else []
+    if run.quant.kind != "nf4":
+        helps.append("quant=nf4")
+    if phase == "steady":
+        helps.append("a shorter data.max_seq_len")
+    helps.append("a larger device")
     return (
         f"nothing fits {human(mem)} per worker with {run.cluster.num_workers} worker(s): the smallest is "
-        f"{smallest.strategy} with micro-batch 1 and checkpointing at {human(smallest.peak_bytes)}, mostly "
-        f"{biggest.name} ({human(biggest.bytes)}). More workers, quant=nf4, a shorter data.max_seq_len "
-        "or a larger device would help"
+        f"{smallest.strategy} with micro-batch 1 and checkpointing at {human(smallest.peak_bytes)}, "
+        f"{'while loading' if phase == 'load' else 'in steady state'}, mostly {biggest.name} "
+        f"({human(biggest.bytes)}{', ' + biggest.note if biggest.note else ''}). "
+        + ("Sharded loading (issue 13) removes that peak. " if phase == "load" and not SHARDED_LOAD else "")
+        + f"What would help: {', '.join(helps)}"
     )
 
 
