@@ -363,6 +363,7 @@ def load_items(shape: Shape, run: RunConfig, strategy: str, n: int, device: str)
     largest = max((p.numel for p in shape.base), default=0)
     largest_quantized = max((p.numel for p in shape.base if p.quantized), default=0)
     items = [_overhead(run, strategy, device)]
+    converted = nf4 or shape.checkpoint_dtype_bytes != dt
     if strategy in SHARDED_LOAD:
         shard = _base_shard(shape, run, strategy, n)
         if strategy == "zero3_offload" and device == "cuda":
@@ -375,13 +376,16 @@ def load_items(shape: Shape, run: RunConfig, strategy: str, n: int, device: str)
     elif ZERO_STAGES.get(strategy) == 3 and not nf4:
         items.append(Item("base weights held", _base_shard(shape, run, strategy, n), "zero-init partition"))
         items.append(Item("one tensor gathered while loading", largest * dt))
+    elif device == "cpu" and not converted and strategy in ("single", "ddp", "zero2"):
+        # Same dtype as the file: the tensors are views of the memory-mapped safetensors, whose
+        # pages become resident when the first forward reads them (steady state), not here.
+        items.append(Item("base weights held", 0, f"{human(full)} memory-mapped, read in the first step"))
     else:
         items.append(Item("base weights held", full, "whole base on every worker"))
         if nf4:
             items.append(Item("quantization scratch (one weight in source dtype)", largest_quantized * dt))
     if nf4:
         items.append(Item("NF4 constants", _nf4_constants(shape, run)))
-    converted = nf4 or shape.checkpoint_dtype_bytes != dt
     if device == "cpu" and converted and strategy not in SHARDED_LOAD:
         # transformers memory-maps the safetensors files; on CPU the pages it reads are resident
         # while it loads. Where the dtype matches they are the base itself (no copy is made).
