@@ -376,9 +376,10 @@ def load_items(shape: Shape, run: RunConfig, strategy: str, n: int, device: str)
     elif ZERO_STAGES.get(strategy) == 3 and not nf4:
         items.append(Item("base weights held", _base_shard(shape, run, strategy, n), "zero-init partition"))
         items.append(Item("one tensor gathered while loading", largest * dt))
-    elif device == "cpu" and not converted and strategy in ("single", "ddp", "zero2"):
+    elif device == "cpu" and not converted and strategy in ("single", "ddp"):
         # Same dtype as the file: the tensors are views of the memory-mapped safetensors, whose
         # pages become resident when the first forward reads them (steady state), not here.
+        # (DeepSpeed broadcasts the module at initialize, which reads them all: not zero2.)
         items.append(Item("base weights held", 0, f"{human(full)} memory-mapped, read in the first step"))
     else:
         items.append(Item("base weights held", full, "whole base on every worker"))
