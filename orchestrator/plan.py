@@ -158,8 +158,11 @@ def model_shape(run: RunConfig, model_config: PretrainedConfig | None = None) ->
         BaseParam(p.numel(), p.shape[0] if p.dim() else 1, id(p) in quantized, layer_of.get(id(p)))
         for p in model.parameters()  # tied weights are one parameter, counted once
     ]
-    with torch.device("meta"):
-        peft_model = get_peft_model(model, peft_config(run.adapter))
+    try:
+        with torch.device("meta"):
+            peft_model = get_peft_model(model, peft_config(run.adapter))
+    except Exception as e:  # noqa: BLE001 - e.g. targets PEFT cannot adapt; validation words most
+        raise PlanError(f"adapter: PEFT cannot attach {run.adapter.kind} to {cfg.model_type}: {e}") from None
     adapter = [p.numel() for p in peft_model.parameters() if p.requires_grad]
     from peft.tuners.lora import LoraLayer
 
@@ -666,8 +669,8 @@ def parse_bytes(text: str) -> int:
     if not m or m.group(2).lower() not in UNITS:
         raise ValueError(f"{text!r} is not a memory size (e.g. 24GiB, 80GB, 512MiB)")
     value = float(m.group(1)) * UNITS[m.group(2).lower()]
-    if value <= 0:
-        raise ValueError(f"{text!r}: a memory size must be positive")
+    if not 0 < value < 2**63:
+        raise ValueError(f"{text!r}: a memory size must be positive and below 8 EiB")
     return int(value)
 
 
@@ -748,10 +751,14 @@ def print_plan(plan: Plan) -> None:
 def check_fits(run: RunConfig) -> Plan | None:
     """Before a run starts: the plan when the run cannot fit the memory its workers will have
     (None when it fits, or when that memory is unknown)."""
+    memory, source = default_device_memory(run)
+    if memory is None:
+        return None  # nothing to compare with: the model is not even built
     try:
-        plan = make_plan(run)
+        plan = make_plan(run, memory)
     except PlanError:
         return None  # validation reports an unreadable model
+    plan.device_memory_source = source
     return plan if plan.fits() is False else None
 
 

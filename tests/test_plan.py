@@ -245,6 +245,9 @@ def test_cli_rejects_bad_sizes_and_models(tmp_path, config_only, capsys):
     assert code == 2 and "config.json" in stderr
     assert P.parse_bytes("24GiB") == 24 * 2**30 and P.parse_bytes("80GB") == 80 * 10**9
     assert P.parse_bytes("1.5 TiB") == int(1.5 * 2**40)
+    for bad in ("0GiB", "9" * 400, "-1GB", "24 GiBs"):
+        with pytest.raises(ValueError):
+            P.parse_bytes(bad)
 
 
 def test_train_refuses_a_run_that_cannot_fit(demo_model, tmp_path):
