@@ -17,6 +17,11 @@ SHARDED = frozenset({"fsdp", "zero3", "zero3_offload"})
 SETUPS = {"1x80GB": (1, "80GB"), "2x24GB": (2, "24GB"), "8x80GB": (8, "80GB")}
 
 
+def _totals(p) -> dict:  # noqa: ANN001 - a StrategyPlan
+    d = p.as_dict()
+    return {k: d[k] for k in ("load_bytes", "steady_bytes", "peak_bytes", "host")}
+
+
 def main() -> None:
     from orchestrator import demo
     from orchestrator import plan as P
@@ -58,8 +63,8 @@ def main() -> None:
                                 "seq": seq,
                                 "setup": setup,
                                 "adapter_params": plan.shape.adapter_params,
-                                "today": {s: p.as_dict() for s, p in plan.plans.items() if p.problem is None},
-                                "sharded_load": {s: p.as_dict() for s, p in sharded.plans.items() if p.problem is None},
+                                "today": {s: _totals(p) for s, p in plan.plans.items() if p.problem is None},
+                                "sharded_load": {s: _totals(p) for s, p in sharded.plans.items() if p.problem is None},
                                 "advice_today": plan.advice,
                                 "advice_sharded_load": sharded.advice,
                             }
