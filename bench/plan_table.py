@@ -1,7 +1,7 @@
 """The planner's figures for Llama-3-8B and Llama-3-70B QLoRA (README, issue 13 item 6), from
 config.json alone: r=16 and r=64 on every linear layer, sequences of 2048 and 4096, on 1x80 GB,
-2x24 GB and 8x80 GB. For each: the run as configured (fsdp, micro-batch 1, gradient
-checkpointing, paged 8-bit AdamW, bf16 compute) and what the planner advises.
+2x24 GB and 8x80 GB: peak GiB per GPU of each strategy (micro-batch 1, gradient checkpointing, paged
+8-bit AdamW, bf16 compute) and what the planner advises.
 
     python bench/plan_table.py        # prints a markdown table, writes bench/results/plan-llama3.json
 """
@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SHARDED = frozenset({"fsdp", "zero3", "zero3_offload"})
 SETUPS = {"1x80GB": (1, "80GB"), "2x24GB": (2, "24GB"), "8x80GB": (8, "80GB")}
 
 
@@ -24,7 +23,6 @@ def _totals(p) -> dict:  # noqa: ANN001 - a StrategyPlan
 
 def main() -> None:
     from orchestrator import demo
-    from orchestrator import plan as P
     from orchestrator.config import compose
     from orchestrator.plan import make_plan, parse_bytes
 
@@ -53,9 +51,6 @@ def main() -> None:
                             shape = None
                         plan = make_plan(run, device_memory=parse_bytes(mem), shape=shape)
                         shape = plan.shape
-                        P.SHARDED_LOAD = SHARDED
-                        sharded = make_plan(run, device_memory=parse_bytes(mem), shape=shape)
-                        P.SHARDED_LOAD = frozenset()
                         rows.append(
                             {
                                 "model": f"llama3-{size}",
@@ -63,31 +58,26 @@ def main() -> None:
                                 "seq": seq,
                                 "setup": setup,
                                 "adapter_params": plan.shape.adapter_params,
-                                "today": {s: _totals(p) for s, p in plan.plans.items() if p.problem is None},
-                                "sharded_load": {s: _totals(p) for s, p in sharded.plans.items() if p.problem is None},
-                                "advice_today": plan.advice,
-                                "advice_sharded_load": sharded.advice,
+                                "strategies": {s: _totals(p) for s, p in plan.plans.items() if p.problem is None},
+                                "advice": plan.advice,
                             }
                         )
     out = HERE / "results" / "plan-llama3.json"
     out.write_text(json.dumps(rows, indent=2) + "\n")
     gib = 2**30
-    print(
-        "| model | r | seq | GPUs | single | fsdp steady | fsdp load today | fsdp load sharded | "
-        "zero3_offload steady (host) | advice with the sharded loader |"
-    )
+    print("| model | r | seq | GPUs | single | ddp | fsdp load / steady | zero3 | zero3_offload GPU (host) | advice |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for x in rows:
-        t, sh = x["today"], x["sharded_load"]
+        t = x["strategies"]
         single = f"{t['single']['peak_bytes'] / gib:.1f}" if "single" in t else "-"
-        off = sh["zero3_offload"]
+        off = t["zero3_offload"]
         host = sum(i["bytes"] for i in off["host"])
-        advice = x["advice_sharded_load"]
+        advice = x["advice"]
         advice = advice.split(". Fits: ")[-1].split(";")[0] if "Fits:" in advice else advice.split(":")[0]
         print(
-            f"| {x['model']} | {x['r']} | {x['seq']} | {x['setup']} | {single} | "
-            f"{t['fsdp']['steady_bytes'] / gib:.1f} | {t['fsdp']['load_bytes'] / gib:.1f} | "
-            f"{sh['fsdp']['load_bytes'] / gib:.1f} | {off['steady_bytes'] / gib:.1f} ({host / gib:.1f}) | {advice} |"
+            f"| {x['model']} | {x['r']} | {x['seq']} | {x['setup']} | {single} | {t['ddp']['peak_bytes'] / gib:.1f} | "
+            f"{t['fsdp']['load_bytes'] / gib:.1f} / {t['fsdp']['steady_bytes'] / gib:.1f} | "
+            f"{t['zero3']['peak_bytes'] / gib:.1f} | {off['peak_bytes'] / gib:.1f} ({host / gib:.1f}) | {advice} |"
         )
     print(f"written to {out}")
 

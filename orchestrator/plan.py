@@ -18,8 +18,8 @@ worker, at load and in steady state, itemised:
   runs' measured peaks, see CALIBRATION), on GPU the CUDA context.
 
 Figures are per worker and for the worst micro-batch: every sequence `data.max_seq_len` long.
-The load figures follow today's loader (`load_items`: the one function to change when loading
-becomes sharded, see SHARDED_LOAD).
+The load figures follow orchestrator/loading.py (layer by layer, sharded as it fills;
+`load_items` is the one function with them).
 """
 
 from __future__ import annotations
@@ -39,10 +39,6 @@ if TYPE_CHECKING:
 STRATEGIES = ("single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GiB, MiB = 2**30, 2**20
-
-# Strategies whose base is loaded sharded (meta device, filled layer by layer). Empty while every
-# worker loads the whole base; the sharded loader adds "fsdp" and "zero3" (and zero3_offload).
-SHARDED_LOAD: frozenset[str] = frozenset()
 
 # Bytes autograd keeps per token and decoder layer, as c_h * hidden + c_i * intermediate +
 # c_kv * (kv heads x head dim) + 4 per attention head (SDPA's log-sum-exp) + 4 * r per adapted
@@ -116,6 +112,8 @@ class Shape:
     """Bytes of the weight files (their sizes; none is opened), or the parameters in config.json's
     dtype where there are none."""
     checkpoint_dtype_bytes: int = 2
+    safetensors: bool = True
+    """Weights in safetensors (or none yet: config.json alone is planned as safetensors)."""
 
     @property
     def base_params(self) -> int:
@@ -176,6 +174,7 @@ def model_shape(run: RunConfig, model_config: PretrainedConfig | None = None) ->
     files = sorted(Path(run.model.path).glob("*.safetensors"))
     checkpoint = sum(f.stat().st_size for f in files) or sum(p.numel for p in base) * source_bytes
     return Shape(
+        safetensors=bool(files) or not any(Path(run.model.path).glob("*.bin")),
         checkpoint_bytes=checkpoint,
         checkpoint_dtype_bytes=source_bytes,
         model_type=cfg.model_type,
@@ -337,9 +336,8 @@ def _layer_bytes(shape: Shape, run: RunConfig) -> int:
     )
 
 
-def _source_layer_bytes(shape: Shape, run: RunConfig) -> int:
-    """One decoder layer in the checkpoint's dtype (assumed model.dtype) before quantization."""
-    dt = DTYPE_BYTES[run.model.dtype]
+def _source_layer_bytes(shape: Shape, run: RunConfig, dt: int) -> int:
+    """The largest decoder layer at `dt` bytes per parameter, before quantization."""
     return max(
         (sum(p.numel * dt for p in shape.base if p.layer == i) for i in range(shape.layers)),
         default=0,
@@ -356,44 +354,36 @@ def _overhead(run: RunConfig, strategy: str, device: str) -> Item:
 
 
 def load_items(shape: Shape, run: RunConfig, strategy: str, n: int, device: str) -> list[Item]:
-    """Peak of loading the base on one worker. Today every worker loads the whole base (ZeRO-3
-    over a bf16/fp32 base partitions it as it loads, through transformers' zero-init); with the
-    sharded loader (SHARDED_LOAD) a worker holds its own shard plus one full layer in the
-    source dtype and, for NF4, that layer's quantization scratch."""
+    """Peak of loading the base on one worker: the one function with the load formulas.
+
+    orchestrator/loading.py builds the model on the meta device and fills it one decoder layer at
+    a time from the safetensors files (read with pread, never memory-mapped), hands each layer to
+    the strategy to shard as soon as it is filled (fsdp, zero3, zero3_offload) and frees the rest.
+    A worker so holds what it keeps of the base (its shard, or the whole base under single, ddp and
+    zero2), plus the layer being filled in the checkpoint's dtype and, for NF4, the quantization
+    scratch of one weight. A .bin-only base loads whole through from_pretrained (single, ddp,
+    zero2 only)."""
     dt = DTYPE_BYTES[run.model.dtype]
-    full = _base_shard(shape, run, "single", 1)
     nf4 = run.quant.kind == "nf4"
-    largest = max((p.numel for p in shape.base), default=0)
     largest_quantized = max((p.numel for p in shape.base if p.quantized), default=0)
     items = [_overhead(run, strategy, device)]
-    converted = nf4 or shape.checkpoint_dtype_bytes != dt
-    if strategy in SHARDED_LOAD:
-        shard = _base_shard(shape, run, strategy, n)
-        if strategy == "zero3_offload" and device == "cuda":
-            items.append(Item("base weights held", 0, f"partition of {human(shard)} in host memory"))
-        else:
-            items.append(Item("base weights held", shard))
-        items.append(Item("one layer in source dtype", _source_layer_bytes(shape, run)))
-        if nf4:
-            items.append(Item("quantization scratch (one weight, fp32)", 4 * largest_quantized))
-    elif ZERO_STAGES.get(strategy) == 3 and not nf4:
-        items.append(Item("base weights held", _base_shard(shape, run, strategy, n), "zero-init partition"))
-        items.append(Item("one tensor gathered while loading", largest * dt))
-    elif device == "cpu" and not converted and strategy in ("single", "ddp"):
-        # Same dtype as the file: the tensors are views of the memory-mapped safetensors, whose
-        # pages become resident when the first forward reads them (steady state), not here.
-        # (DeepSpeed broadcasts the module at initialize, which reads them all: not zero2.)
-        items.append(Item("base weights held", 0, f"{human(full)} memory-mapped, read in the first step"))
-    else:
-        items.append(Item("base weights held", full, "whole base on every worker"))
+    held = _base_shard(shape, run, strategy, n)
+    if not shape.safetensors:
+        items.append(Item("base weights held", held, "whole, through from_pretrained (.bin weights)"))
         if nf4:
             items.append(Item("quantization scratch (one weight in source dtype)", largest_quantized * dt))
+    else:
+        if strategy == "zero3_offload" and device == "cuda":
+            items.append(Item("base weights held", 0, f"partition of {human(held)} in host memory"))
+        else:
+            whole = held >= _base_shard(shape, run, "single", 1)
+            items.append(Item("base weights held", held, "whole" if whole else "shard, filled layer by layer"))
+        layer = max(_source_layer_bytes(shape, run, shape.checkpoint_dtype_bytes), _source_layer_bytes(shape, run, dt))
+        items.append(Item("layer being filled", layer, "in the checkpoint's dtype"))
+        if nf4:
+            items.append(Item("quantization scratch (one weight, fp32)", 4 * largest_quantized))
     if nf4:
         items.append(Item("NF4 constants", _nf4_constants(shape, run)))
-    if device == "cpu" and converted and strategy not in SHARDED_LOAD:
-        # transformers memory-maps the safetensors files; on CPU the pages it reads are resident
-        # while it loads. Where the dtype matches they are the base itself (no copy is made).
-        items.append(Item("checkpoint pages mapped while loading", shape.checkpoint_bytes, "CPU: file pages in RSS"))
     return items
 
 
@@ -643,7 +633,6 @@ def advise(plan: Plan) -> str:
         f"{smallest.strategy} with micro-batch 1 and checkpointing at {human(smallest.peak_bytes)}, "
         f"{'while loading' if phase == 'load' else 'in steady state'}, mostly {biggest.name} "
         f"({human(biggest.bytes)}{', ' + biggest.note if biggest.note else ''}). "
-        + ("Sharded loading (issue 13) removes that peak. " if phase == "load" and not SHARDED_LOAD else "")
         + f"What would help: {', '.join(helps)}"
     )
 
