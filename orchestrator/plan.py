@@ -337,11 +337,10 @@ def _layer_bytes(shape: Shape, run: RunConfig) -> int:
 
 
 def _source_layer_bytes(shape: Shape, run: RunConfig, dt: int) -> int:
-    """The largest decoder layer at `dt` bytes per parameter, before quantization."""
-    return max(
-        (sum(p.numel * dt for p in shape.base if p.layer == i) for i in range(shape.layers)),
-        default=0,
-    )
+    """The largest unit the loader fills at once, at `dt` bytes per parameter before quantization:
+    a decoder layer, or last the root's own parameters (embeddings, final norm, output head)."""
+    root = sum(p.numel * dt for p in shape.base if p.layer is None)
+    return max([root, *(sum(p.numel * dt for p in shape.base if p.layer == i) for i in range(shape.layers))])
 
 
 def _overhead(run: RunConfig, strategy: str, device: str) -> Item:
@@ -379,7 +378,7 @@ def load_items(shape: Shape, run: RunConfig, strategy: str, n: int, device: str)
             whole = held >= _base_shard(shape, run, "single", 1)
             items.append(Item("base weights held", held, "whole" if whole else "shard, filled layer by layer"))
         layer = max(_source_layer_bytes(shape, run, shape.checkpoint_dtype_bytes), _source_layer_bytes(shape, run, dt))
-        items.append(Item("layer being filled", layer, "in the checkpoint's dtype"))
+        items.append(Item("layer being filled", layer, "the largest: a decoder layer or the root's own"))
         if nf4:
             items.append(Item("quantization scratch (one weight, fp32)", 4 * largest_quantized))
     if nf4:
