@@ -12,7 +12,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 from orchestrator.config.schema import RunConfig
 from orchestrator.config.typed import to_typed
 from orchestrator.data import GlobalBatchSampler, collate, encode_rows, split_rows, target_tokens
-from orchestrator.distributed import Dist, peak_memory_bytes
+from orchestrator.distributed import Dist, current_memory_bytes, peak_memory_bytes, reset_peak_memory
 from orchestrator.flops import FlopCounter, peak_flops
 from orchestrator.loss import LossFn, build_loss
 from orchestrator.model import fingerprint, load_model, load_tokenizer
@@ -64,6 +64,9 @@ class Job:
     peak_flops: float
     optimizer_bytes: float = 0.0
     """The largest optimizer state of any worker, measured after this attempt's first step."""
+    memory: dict[str, float] = field(default_factory=dict)
+    """start_memory_bytes (held when setup began) and load_peak_memory_bytes (the peak of setup),
+    the largest over workers: what the planner's load figures are calibrated against."""
 
 
 def train_loop(config: dict) -> None:
@@ -82,6 +85,8 @@ def setup(run: RunConfig) -> Job:
     """Data, base, adapter, strategy, optimizer and schedule, restored from the newest committed
     checkpoint when there is one."""
     d = Dist.current(run.cluster.use_gpu)
+    reset_peak_memory(d.device)
+    start_memory = current_memory_bytes(d.device)
     _quiet_non_zero_ranks(d.rank)
     torch.manual_seed(run.trainer.seed + d.rank)  # dropout masks differ per worker, like their data
 
@@ -111,6 +116,8 @@ def setup(run: RunConfig) -> Job:
     start = ckpt.restore_state(resume_from, model, optimizer, scheduler) if resume_from is not None else 0
     ckpt.trim_metrics(start)
     frozen_bytes = d.max(strategy.param_bytes(model)["frozen"])
+    memory = {"start_memory_bytes": d.max(start_memory), "load_peak_memory_bytes": d.max(peak_memory_bytes(d.device))}
+    reset_peak_memory(d.device)  # from here on the peak is the steps' own (steady state)
 
     tracker = Tracker(run, steps, start) if d.is_main else NullTracker()
     peak, peak_source = peak_flops(d.device, run.model.dtype, run.trainer.peak_tflops) if d.is_main else (0.0, "")
@@ -156,6 +163,7 @@ def setup(run: RunConfig) -> Job:
         frozen_bytes,
         flops,
         peak,
+        memory=memory,
     )
 
 
@@ -197,7 +205,7 @@ def run_steps(job: Job) -> bool:
                     "tokens_per_s": sum(lengths) / seconds,
                     "mfu": job.flops.batch(lengths) / (seconds * d.world * job.peak_flops) if job.peak_flops else None,
                     "target_tokens": n_target,
-                    "peak_memory_bytes": d.max(peak_memory_bytes(d.device)),
+                    **_memory_metrics(job),
                     "param_bytes_per_worker": job.frozen_bytes,
                     "optimizer_bytes_per_worker": job.optimizer_bytes,
                     "epoch": step // job.sampler.steps_per_epoch,
@@ -238,6 +246,17 @@ def report_optimizer_bytes(job: Job) -> None:
     job.optimizer_bytes = job.d.max(state_bytes(job.optimizer))
     log.info("optimizer state bytes per worker: %d (%s)", job.optimizer_bytes, job.run.optim.name)
     job.tracker.summary({"optimizer_bytes_per_worker": job.optimizer_bytes})
+
+
+def _memory_metrics(job: Job) -> dict[str, float]:
+    """peak_memory_bytes covers the whole run so far (setup included), steady_peak_memory_bytes
+    the steps alone."""
+    steady = job.d.max(peak_memory_bytes(job.d.device))
+    return {
+        "peak_memory_bytes": max(steady, job.memory.get("load_peak_memory_bytes", 0.0)),
+        "steady_peak_memory_bytes": steady,
+        **job.memory,
+    }
 
 
 def total_steps(run: RunConfig, sampler: GlobalBatchSampler) -> int:

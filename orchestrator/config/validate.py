@@ -133,6 +133,13 @@ def _static_checks(run: RunConfig, skip_resume: bool = False) -> list[str]:
         t.peak_tflops is None or t.peak_tflops > 0,
         f"trainer.peak_tflops: must be positive (TFLOP/s of one device) or null to look it up, got {t.peak_tflops}",
     )
+    if t.device_memory is not None:
+        from orchestrator.plan import parse_bytes
+
+        try:
+            parse_bytes(t.device_memory)
+        except ValueError as e:
+            p.append(f"trainer.device_memory: {e}; or null for this node's GPU or host memory per worker")
     for f in ("save_every", "eval_every", "keep_last"):
         need(getattr(t, f) >= 0, f"trainer.{f}: must be >= 0, got {getattr(t, f)}")
     need(d.max_seq_len >= 8, f"data.max_seq_len: must be >= 8, got {d.max_seq_len}")
