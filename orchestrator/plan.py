@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -157,7 +158,9 @@ def model_shape(run: RunConfig, model_config: PretrainedConfig | None = None) ->
         for p in model.parameters()  # tied weights are one parameter, counted once
     ]
     try:
-        with torch.device("meta"):
+        # PEFT calls transformers APIs deprecated in their newer release: noise the user cannot act on.
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
             peft_model = get_peft_model(model, peft_config(run.adapter))
     except Exception as e:  # noqa: BLE001 - e.g. targets PEFT cannot adapt; validation words most
         raise PlanError(f"adapter: PEFT cannot attach {run.adapter.kind} to {cfg.model_type}: {e}") from None
