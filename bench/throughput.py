@@ -1,6 +1,7 @@
 """Training throughput and peak memory: `orchestrator train` against a plain Hugging Face
-Trainer + PEFT baseline, on the same model, data, masking, batch and optimizer, in one run;
-then the sharding strategies against each other on the same workload.
+Trainer + PEFT baseline and against a bare torch loop without Ray (the same components: base,
+adapter, loss, optimizer, schedule), on the same model, data, masking, batch and optimizer, in
+one run; then the sharding strategies against each other on the same workload.
 
     python bench/throughput.py                      # CPU: tiny Llama, NF4, 2 workers vs 1
     python bench/throughput.py --gpu --hidden 2048 --layers 8 --steps 30 --workers 1
@@ -136,6 +137,68 @@ def hf_baseline(args) -> dict:
     return {"tokens_per_s": statistics.median(rates), "peak_memory_bytes": peak}
 
 
+def bare_loop(args) -> dict:
+    """Our recipe's components in a plain loop, one process, no Ray, no checkpoints or tracking:
+    what `orchestrator train` on one worker costs on top is the overhead of Ray and the loop."""
+    import torch
+
+    from orchestrator.adapters import attach_adapter
+    from orchestrator.config import AdapterConfig, ModelConfig, OptimConfig, QuantConfig
+    from orchestrator.data import collate, encode_rows, read_rows
+    from orchestrator.loss import build_loss
+    from orchestrator.model import load_base, load_tokenizer
+    from orchestrator.optim import build_optimizer, build_scheduler
+
+    mcfg = ModelConfig(path=args.model, dtype=args.dtype)
+    tok = load_tokenizer(mcfg)
+    examples = encode_rows(read_rows(args.data, "alpaca"), "alpaca", tok, args.seq)
+    device = "cuda" if args.gpu else "cpu"
+    model = attach_adapter(
+        load_base(mcfg, QuantConfig(kind=args.quant), device), AdapterConfig(r=args.r, alpha=2 * args.r, dropout=0.0)
+    )
+    loss_fn = build_loss(model, 256)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, OptimConfig(name="paged_adamw_8bit"), 3e-3)
+    scheduler = build_scheduler(optimizer, OptimConfig(), args.steps)
+    model.train()
+    rates = []
+    for step in range(args.steps):
+        rows = [examples[(step * args.global_batch + i) % len(examples)] for i in range(args.global_batch)]
+        batch = {k: v.to(device) for k, v in collate(rows, tok.pad_token_id).items()}
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        t0 = time.perf_counter()
+        loss_fn(model, batch, n).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if args.gpu:
+            torch.cuda.synchronize()
+        rates.append(int(batch["attention_mask"].sum()) / (time.perf_counter() - t0))
+    peak = torch.cuda.max_memory_allocated() if args.gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"tokens_per_s": statistics.median(rates[args.warmup :]), "peak_memory_bytes": peak}
+
+
+CHILDREN = {"hf": hf_baseline, "bare": bare_loop}
+
+
+def child_run(args, which: str) -> dict:
+    """One variant in a process of its own, so that its peak memory is its own."""
+    child = [
+        sys.executable,
+        __file__,
+        f"--child={which}",
+        *sys.argv[1:],
+        f"--model={args.model}",
+        f"--data={args.data}",
+        f"--out={Path(args.out) / which}",
+    ]
+    proc = subprocess.run(child, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{which} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def orchestrator_run(args, strategy: str, workers: int) -> dict:
     out = Path(args.out) / f"orch-{strategy}-{workers}"
     cmd = [
@@ -214,7 +277,7 @@ def main() -> None:
         default="fsdp,zero2,zero3,zero3_offload",
         help="sharded strategies to compare (ratios to the first)",
     )
-    p.add_argument("--baseline-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -222,29 +285,18 @@ def main() -> None:
     args.dtype = args.dtype or ("bf16" if args.gpu else "fp32")
     os.environ.setdefault("WANDB_MODE", "disabled")
 
-    if args.baseline_only:  # child process: the baseline alone, result as JSON on stdout's last line
-        print(json.dumps(hf_baseline(args)))
+    if args.child:  # a child process: one variant, its result as JSON on stdout's last line
+        print(json.dumps(CHILDREN[args.child](args)))
         return
 
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     args.model = str(build_model(work, args.hidden, args.layers))
     args.data = str(build_data(work, args.join))
     args.out = str(work)
-    child = [
-        sys.executable,
-        __file__,
-        "--baseline-only",
-        *sys.argv[1:],
-        f"--model={args.model}",
-        f"--data={args.data}",
-        f"--out={work / 'hf'}",
-    ]
-    proc = subprocess.run(child, capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"baseline failed:\n{proc.stderr[-3000:]}")
-    baseline = json.loads(proc.stdout.strip().splitlines()[-1])
+    baseline = child_run(args, "hf")
     results = {
         "hf_trainer_peft (1 process)": baseline,
+        "bare torch loop (1 process, no Ray)": child_run(args, "bare"),
         "orchestrator single (1 worker)": orchestrator_run(args, "single", 1),
     }
     strategies = {s: orchestrator_run(args, s, args.workers) for s in args.strategies.split(",") if s}
@@ -263,11 +315,15 @@ def main() -> None:
         table(f"strategies against {first} ({args.workers} workers each)", strategies, strategies[first])
     device = "gpu" if args.gpu else "cpu"
     record = {
-        "args": {k: v for k, v in vars(args).items() if k not in ("model", "data", "out", "baseline_only")},
+        "args": {k: v for k, v in vars(args).items() if k not in ("model", "data", "out", "child")},
         "machine": platform.platform(),
         "results": results,
         "strategies": strategies,
         "ratios_to_baseline": ratios(results, baseline),
+        "orchestrator_over_bare_loop": ratios(
+            {"orchestrator single (1 worker)": results["orchestrator single (1 worker)"]},
+            results["bare torch loop (1 process, no Ray)"],
+        ),
         "strategy_ratios_to_first": ratios(strategies, next(iter(strategies.values()))) if strategies else {},
     }
     dest = HERE / "results" / f"throughput-{device}.json"

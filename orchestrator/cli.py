@@ -24,6 +24,13 @@ fine-tune an adapter; the arguments are Hydra's: overrides such as experiment=de
 --config-dir DIR (your own config groups next to the packaged ones), --hydra-help.
 cluster=ray|slurm submits the run; --dry-run prints the job instead of submitting it."""
 
+PLAN_HELP = """\
+predict, before any worker starts, each worker's peak memory at load and in steady state, itemised
+(base shard, NF4 constants, adapter, gradients, optimizer state, activations, buffers, framework),
+for the chosen strategy and every other one; reads only the model's config.json. With
+--device-memory (or the memory the workers will have) it says which strategy, micro-batch and
+gradient checkpointing fit."""
+
 
 def _fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
@@ -57,6 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="train a composed config as is (what cluster jobs execute)")
     run.add_argument("config", type=Path, help="a composed config (from `train --cfg job`)")
     run.set_defaults(func=run_command)
+
+    plan = commands.add_parser(
+        "plan",
+        help="predict the memory per worker of a run (the overrides of train) before launching it",
+        description=PLAN_HELP,
+    )
+    plan.add_argument("--json", action="store_true", help="print the figures as JSON")
+    plan.add_argument(
+        "--device-memory",
+        metavar="SIZE",
+        help="memory of one worker's device, e.g. 24GiB or 80GB (default: this node's GPU for "
+        "cluster.use_gpu=true, else the host memory divided among the workers)",
+    )
+    plan.add_argument("--probe", action="store_true", help="train two real steps and refit the overhead terms")
+    plan.add_argument("--config-dir", type=Path, help="a config directory of your own, as for train")
+    plan.add_argument("overrides", nargs="*", help="Hydra overrides, as for train (experiment=demo adapter.r=8 ...)")
+    plan.set_defaults(func=plan_command)
 
     sweep = commands.add_parser("sweep", help="summarise a multirun")
     sweep_commands = sweep.add_subparsers(dest="sweep_command", metavar="report", required=True)
@@ -120,7 +144,7 @@ class TrainCommand:
             return None
         except (ConfigError, RunFailed, RunDirInUse, FileExistsError) as e:
             if not _multirun():
-                if isinstance(e, ConfigError):
+                if isinstance(e, (ConfigError, RunDirInUse)):
                     _discard_hydra_dir()
                 _fail(str(e), 2 if isinstance(e, ConfigError) else 1)
             log.error("error: %s", e)
@@ -139,6 +163,7 @@ class TrainCommand:
             raise ConfigError(self.problems + e.problems) from None
         if self.problems:
             raise ConfigError(self.problems)
+        check_memory(run)
         if _multirun():
             self._name_sweep_run(run)
         if run.cluster.kind == "local":
@@ -237,6 +262,22 @@ class TrainCommand:
                 )
 
 
+def check_memory(run: Any) -> None:
+    """Refuse a run whose predicted peak per worker exceeds the memory its workers will have,
+    showing the plan (trainer.check_memory=false trains anyway)."""
+    from orchestrator.config import ConfigError
+
+    if not run.trainer.check_memory:
+        return
+    from orchestrator.plan import check_fits, render
+
+    plan = check_fits(run)
+    if plan is not None:
+        raise ConfigError(
+            ["the run does not fit in memory (set trainer.check_memory=false to train anyway):\n" + render(plan)]
+        )
+
+
 def _override_key(arg: str) -> str:
     return arg.split("=", 1)[0].lstrip("+~") if "=" in arg and not arg.startswith("-") else ""
 
@@ -267,7 +308,8 @@ def _multirun() -> bool:
 
 
 def _discard_hydra_dir() -> None:
-    """A run that fails validation leaves nothing behind. Hydra made its run directory (its .hydra/
+    """A run that fails validation, or is refused a directory in use, leaves nothing behind. Hydra
+    made its run directory (its .hydra/
     and the job log) before any check could run; remove it, and the parents Hydra created, as long
     as they hold nothing else. (A multirun keeps them: the sweep report reads each run's error there.)"""
     import shutil
@@ -410,6 +452,7 @@ def run_command(args: argparse.Namespace) -> None:
         demo.localise(run)
         on_cluster = run.cluster.kind != "local"
         validate(run, on_cluster=on_cluster)
+        check_memory(run)
         resume = shlex.join([*invocation(), "run", str(args.config)])
         print(f"adapter written to {driver.train(run, on_cluster=on_cluster, resume_command=resume)}")
     except ConfigError as e:
@@ -421,6 +464,51 @@ def run_command(args: argparse.Namespace) -> None:
         sys.exit(PREEMPTED_EXIT)
     except (driver.RunFailed, RunDirInUse, FileExistsError) as e:
         _fail(str(e), 1)
+
+
+def plan_command(args: argparse.Namespace) -> None:
+    import json
+    import tempfile
+
+    from orchestrator import demo, plan
+    from orchestrator.config import ConfigError, compose, validate
+
+    try:
+        device_memory = plan.parse_bytes(args.device_memory) if args.device_memory else None
+    except ValueError as e:
+        _fail(f"plan: --device-memory: {e}")
+    overrides = list(args.overrides)
+    if not any(_override_key(o) == "output_dir" for o in overrides):
+        overrides.append("output_dir=plan-output-unused")  # nothing is written; composition needs one
+    try:
+        run = compose(overrides, config_dirs=[args.config_dir] if args.config_dir else [])
+        demo.localise(run)
+        validate(run, environment=False)  # the config's own checks; the weights and data need not exist
+        result = plan.make_plan(run, device_memory)
+    except ConfigError as e:
+        _fail(str(e))
+    except plan.PlanError as e:
+        _fail(str(e))
+    if args.probe:
+        with tempfile.TemporaryDirectory(prefix="orchestrator-probe-") as tmp:
+            probed = plan.probe(run, tmp)
+        if args.json:
+            print(json.dumps({k: v.as_dict() if isinstance(v, plan.Plan) else v for k, v in probed.items()}, indent=2))
+            return
+        print("before the probe:")
+        plan.print_plan(probed["before"])
+        m = probed["measured"]
+        refitted = ", ".join(f"{k}={v:.4g}" for k, v in probed["refitted"].items())
+        print(
+            f"\nmeasured per worker: start {plan.human(m['start'])}, load peak {plan.human(m['load_peak'])}, "
+            f"steady peak {plan.human(m['steady_peak'])}\n\nafter refitting the overhead terms ({refitted}):"
+        )
+        plan.print_plan(probed["after"])
+        return
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        plan.print_plan(result)
 
 
 def report_command(args: argparse.Namespace) -> None:

@@ -137,6 +137,39 @@ def build_tiny_model(
     return out_dir
 
 
+# The published shapes of Llama-3 (config.json fields), for planning and for GPU harnesses that
+# build a model of that shape with random weights.
+LLAMA3_SHAPES = {
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64),
+}
+
+
+def write_llama3_config(out_dir: Path, size: str, tokenizer_dir: Path | None = None) -> Path:
+    """A model directory with a Llama-3-`size` config.json (and the demo tokenizer beside it, if
+    given) and no weights: enough for `orchestrator plan`, which never reads weights."""
+    from transformers import LlamaConfig
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    LlamaConfig(
+        **LLAMA3_SHAPES[size],
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ).save_pretrained(out_dir)
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                shutil.copy(f, out_dir / f.name)
+    return out_dir
+
+
 def _dataset_texts() -> Iterator[str]:
     for line in DEMO_DATA.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)

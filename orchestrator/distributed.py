@@ -49,6 +49,39 @@ class Dist:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
+    """The most memory this worker has held since reset_peak_memory: CUDA's allocated bytes, or on
+    CPU the process's resident high-water mark (VmHWM; ru_maxrss where /proc is missing)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    hwm = _proc_status_bytes("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return _proc_status_bytes("VmRSS") or 0
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak from what is held now, so that loading and the steps are measured apart
+    (and a run in a long-lived process, like a test's, is not charged with what came before)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux >= 4.0: "5" resets VmHWM to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # the peak then stays the process's own since it started
+
+
+def _proc_status_bytes(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        return None
+    return None

@@ -100,7 +100,12 @@ def _ray_init(run: RunConfig, on_cluster: bool, signals: StopSignals) -> None:
             )  # RAY_ADDRESS, set by the Ray Job or the Slurm script
         else:
             # "local" keeps a single-machine run off any `ray start` cluster that happens to run here.
-            ray_logs.init_quietly(lambda: ray.init(address=run.cluster.address or "local", include_dashboard=False))
+            # Ray starts its workers at nice 15 by default: the training worker would yield its
+            # cores to anything else on the machine, the driver and the Ray daemons included.
+            own = {} if run.cluster.address else {"_system_config": {"worker_niceness": 0}}
+            ray_logs.init_quietly(
+                lambda: ray.init(address=run.cluster.address or "local", include_dashboard=False, **own)
+            )
 
 
 def _per_worker(run: RunConfig) -> dict[str, float]:

@@ -59,8 +59,10 @@ def cuda_peak_flops(name: str, dtype: str) -> float | None:
 def measured_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, seconds: float = 0.2) -> float:
     """Best rate of a square matmul on this device (CPU: no table can know the cores and their
     vector units); a lower bound of the true peak, so MFU on CPU reads high rather than low."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    # Its own generator: the training RNG streams (dropout, restored on resume) must not move.
+    g = torch.Generator(device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=g)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=g)
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         t0 = time.perf_counter()

@@ -15,10 +15,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from orchestrator.config.schema import ModelConfig, QuantConfig
+from orchestrator.config.schema import AdapterConfig, ModelConfig, QuantConfig
 
 if TYPE_CHECKING:  # transformers is imported where it is used
+    from peft import PeftModel
     from transformers import BitsAndBytesConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from orchestrator.loading import ShardHook
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKENIZER_FILES = (
@@ -87,21 +90,58 @@ def bnb_config(model: ModelConfig, quant: QuantConfig) -> BitsAndBytesConfig:
 
 
 def load_base(model: ModelConfig, quant: QuantConfig, device: torch.device | str = "cpu") -> PreTrainedModel:
-    """The frozen base, on `device`, in model.dtype or 4-bit NF4."""
+    """The frozen base, whole, on `device`, in model.dtype or 4-bit NF4 (merge, benchmarks, tests):
+    the same weights load_model gives every worker, through the same layer-by-layer loader."""
+    from orchestrator import loading
+
+    if not loading.has_safetensors(resolve_model_path(model.path)):
+        return _from_pretrained(model, quant, device)
+    m = loading.skeleton(model, quant)
+    loading.fill(m, model, device)
+    return m
+
+
+def load_model(
+    model: ModelConfig,
+    quant: QuantConfig,
+    adapter: AdapterConfig,
+    device: torch.device | str,
+    shard: ShardHook | None = None,
+) -> tuple[PeftModel, tuple[int, int]]:
+    """The frozen base with a fresh adapter (identical on every worker), loaded one decoder layer at
+    a time and handed to `shard` layer by layer (see orchestrator/loading.py), so that a sharding
+    strategy never holds more than its shard plus about one layer. Returns the model and its
+    (trainable, total) parameter counts, taken before sharding hides the sizes."""
+    from orchestrator import loading
+
+    if not loading.has_safetensors(resolve_model_path(model.path)):
+        if shard is not None:
+            raise loading.LoadError(
+                f"{model.path} holds no safetensors weights: a sharding strategy loads the base layer by layer "
+                "from safetensors files (convert the .bin files, e.g. save_pretrained with transformers 5)"
+            )
+        from orchestrator.adapters import attach_adapter
+
+        m = attach_adapter(_from_pretrained(model, quant, device), adapter)
+        return m, m.get_nb_trainable_parameters()
+    m = loading.skeleton(model, quant, adapter)
+    counts = loading.param_counts(m)
+    loading.fill(m, model, device, shard)
+    return m, counts
+
+
+def _from_pretrained(model: ModelConfig, quant: QuantConfig, device: torch.device | str) -> PreTrainedModel:
+    """A .bin-only base, whole, through from_pretrained."""
     from transformers import AutoModelForCausalLM
-    from transformers.integrations import is_deepspeed_zero3_enabled
 
     kwargs = dict(
         dtype=DTYPES[model.dtype],
         attn_implementation=model.attn_implementation,
         trust_remote_code=model.trust_remote_code,
+        device_map={"": str(device)},
     )
     if quant.kind == "nf4":
         kwargs["quantization_config"] = bnb_config(model, quant)
-    if not is_deepspeed_zero3_enabled():
-        # Under ZeRO-3 zero-init (the strategy's load_context) each worker materialises only its
-        # partition and DeepSpeed places it; transformers refuses a device_map there.
-        kwargs["device_map"] = {"": str(device)}
     m = AutoModelForCausalLM.from_pretrained(resolve_model_path(model.path), **kwargs)
     if quant.kind == "nf4":
         _keep_4bit_layout(m)

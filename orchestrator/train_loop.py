@@ -12,20 +12,20 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from orchestrator import adapters
 from orchestrator.config.schema import RunConfig
 from orchestrator.config.typed import to_typed
 from orchestrator.data import GlobalBatchSampler, collate, target_tokens
 from orchestrator.data.dataset import TokenizedRows, open_data
-from orchestrator.distributed import Dist, peak_memory_bytes
+from orchestrator.distributed import Dist, current_memory_bytes, peak_memory_bytes, reset_peak_memory
 from orchestrator.flops import FlopCounter, peak_flops
-from orchestrator.model import fingerprint, load_base, load_tokenizer
+from orchestrator.loss import LossFn, build_loss
+from orchestrator.model import fingerprint, load_model, load_tokenizer
 from orchestrator.optim import build_optimizer, build_scheduler, state_bytes
 from orchestrator.rundir import INTERRUPT
 from orchestrator.strategies import Strategy, build_strategy
@@ -53,6 +53,7 @@ class Job:
     sampler: GlobalBatchSampler
     strategy: Strategy
     model: nn.Module
+    loss: LossFn
     optimizer: torch.optim.Optimizer
     scheduler: Any
     ckpt: Checkpointer
@@ -64,6 +65,9 @@ class Job:
     peak_flops: float
     optimizer_bytes: float = 0.0
     """The largest optimizer state of any worker, measured after this attempt's first step."""
+    memory: dict[str, float] = field(default_factory=dict)
+    """start_memory_bytes (held when setup began) and load_peak_memory_bytes (the peak of setup),
+    the largest over workers: what the planner's load figures are calibrated against."""
 
 
 def train_loop(config: dict) -> None:
@@ -82,6 +86,8 @@ def setup(run: RunConfig) -> Job:
     """Data, base, adapter, strategy, optimizer and schedule, restored from the newest committed
     checkpoint when there is one."""
     d = Dist.current(run.cluster.use_gpu)
+    reset_peak_memory(d.device)
+    start_memory = current_memory_bytes(d.device)
     _quiet_non_zero_ranks(d.rank)
     torch.manual_seed(run.trainer.seed + d.rank)  # dropout masks differ per worker, like their data
 
@@ -90,16 +96,14 @@ def setup(run: RunConfig) -> Job:
     train, evals = open_data(run, tokenizer)
 
     strategy = build_strategy(run)
-    with strategy.load_context():
-        base = load_base(run.model, run.quant, d.device)
-    peft_model = adapters.attach_adapter(base, run.adapter)
-    n_trainable, n_total = peft_model.get_nb_trainable_parameters()  # before sharding hides the sizes
-    flops = FlopCounter.of(peft_model, base.config)
+    peft_model, (n_trainable, n_total) = load_model(run.model, run.quant, run.adapter, d.device, strategy.shard_layer)
+    flops = FlopCounter.of(peft_model, peft_model.config)
+    loss_fn = build_loss(peft_model, run.trainer.loss_chunk_tokens)
     ckpt = Checkpointer(run, d, strategy, peft_model, fingerprint(run.model, run.quant))
     ckpt.clean_torn()
     resume_from = ckpt.resume_point()
     if resume_from is not None:
-        ckpt.restore_adapter(resume_from)  # into the whole adapter, before it is sharded
+        ckpt.restore_adapter(resume_from)  # into the whole adapter (only the base is sharded yet)
     model, optimizer = strategy.prepare(peft_model, lambda ps: build_optimizer(ps, run.optim, run.trainer.lr))
     model.train()
 
@@ -111,6 +115,8 @@ def setup(run: RunConfig) -> Job:
     start = ckpt.restore_state(resume_from, model, optimizer, scheduler) if resume_from is not None else 0
     ckpt.trim_metrics(start)
     frozen_bytes = d.max(strategy.param_bytes(model)["frozen"])
+    memory = {"start_memory_bytes": d.max(start_memory), "load_peak_memory_bytes": d.max(peak_memory_bytes(d.device))}
+    reset_peak_memory(d.device)  # from here on the peak is the steps' own (steady state)
 
     tracker = Tracker(run, steps, start) if d.is_main else NullTracker()
     peak, peak_source = peak_flops(d.device, run.model.dtype, run.trainer.peak_tflops) if d.is_main else (0.0, "")
@@ -146,6 +152,7 @@ def setup(run: RunConfig) -> Job:
         sampler,
         strategy,
         model,
+        loss_fn,
         optimizer,
         scheduler,
         ckpt,
@@ -155,6 +162,7 @@ def setup(run: RunConfig) -> Job:
         frozen_bytes,
         flops,
         peak,
+        memory=memory,
     )
 
 
@@ -169,11 +177,9 @@ def run_steps(job: Job) -> bool:
         lengths = [job.train.length(i) for i in global_rows]
         loss = torch.zeros((), device=d.device)
         for micro in job.sampler.step_indices(step):
-            result = job.model(
-                **_batch([job.train[i] for i in micro], job.pad_id, d), num_items_in_batch=max(n_target, 1)
-            )
-            job.strategy.backward(result.loss)
-            loss += result.loss.detach().float()
+            micro_loss = job.loss(job.model, _batch([job.train[i] for i in micro], job.pad_id, d), n_target)
+            job.strategy.backward(micro_loss)
+            loss += micro_loss.detach().float()
         grad_norm = float(job.strategy.optimizer_step(job.optimizer, run.optim.max_grad_norm))
         if step == job.start:
             report_optimizer_bytes(job)
@@ -198,7 +204,7 @@ def run_steps(job: Job) -> bool:
                     "tokens_per_s": sum(lengths) / seconds,
                     "mfu": job.flops.batch(lengths) / (seconds * d.world * job.peak_flops) if job.peak_flops else None,
                     "target_tokens": n_target,
-                    "peak_memory_bytes": d.max(peak_memory_bytes(d.device)),
+                    **_memory_metrics(job),
                     "param_bytes_per_worker": job.frozen_bytes,
                     "optimizer_bytes_per_worker": job.optimizer_bytes,
                     "epoch": step // job.sampler.steps_per_epoch,
@@ -239,6 +245,17 @@ def report_optimizer_bytes(job: Job) -> None:
     job.optimizer_bytes = job.d.max(state_bytes(job.optimizer))
     log.info("optimizer state bytes per worker: %d (%s)", job.optimizer_bytes, job.run.optim.name)
     job.tracker.summary({"optimizer_bytes_per_worker": job.optimizer_bytes})
+
+
+def _memory_metrics(job: Job) -> dict[str, float]:
+    """peak_memory_bytes covers the whole run so far (setup included), steady_peak_memory_bytes
+    the steps alone."""
+    steady = job.d.max(peak_memory_bytes(job.d.device))
+    return {
+        "peak_memory_bytes": max(steady, job.memory.get("load_peak_memory_bytes", 0.0)),
+        "steady_peak_memory_bytes": steady,
+        **job.memory,
+    }
 
 
 def total_steps(run: RunConfig, sampler: GlobalBatchSampler) -> int:
@@ -288,8 +305,7 @@ def evaluate(job: Job) -> dict[str, float]:
             weight = 1.0 if chunk else 0.0
             rows = chunk or examples[:1]  # a stand-in batch keeps this worker in the collectives
             n = target_tokens(rows, range(len(rows)))
-            out = model(**_batch(rows, job.pad_id, d), num_items_in_batch=max(n, 1))
-            loss_sum += weight * out.loss.double().cpu() * max(n, 1)
+            loss_sum += weight * job.loss(model, _batch(rows, job.pad_id, d), n).double().cpu() * max(n, 1)
             tokens += weight * n
     model.train()
     loss_sum, tokens = d.all_reduce(loss_sum), d.all_reduce(tokens)

@@ -34,5 +34,7 @@ def test_peak_is_looked_up_measured_or_overridden():
     assert cuda_peak_flops("NVIDIA H100 80GB HBM3", "fp32") == 494e12  # TF32
     assert cuda_peak_flops("Some Future GPU", "bf16") is None
     assert peak_flops(torch.device("cpu"), "bf16", 2.5) == (2.5e12, "trainer.peak_tflops")
+    rng = torch.get_rng_state()
     measured, source = peak_flops(torch.device("cpu"), "fp32")
     assert source == "measured matmul (cpu)" and 1e8 < measured < 1e14
+    assert torch.equal(torch.get_rng_state(), rng)  # dropout's stream, restored on resume, is untouched

@@ -243,9 +243,7 @@ def test_cli_refuses_a_directory_in_use_before_touching_it(tmp_path, demo_root):
         r = cli("run", str(tmp_path / "job.yaml"), cwd=tmp_path)
         assert r.returncode == 1 and f"PID {sleeper.pid} on host {HOST}" in r.stderr, r.stderr
         assert sorted(p.name for p in out.iterdir()) == [LOCK] and holder(rundir)["token"] == "theirs"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml", "run"]  # no Hydra directory either
     finally:
         sleeper.kill()
         sleeper.wait()
-
-
-# --- two real runs on one directory ---------------------------------------------------------------

@@ -198,6 +198,19 @@ class TrainerConfig:
     keep_best: bool = False
     """With keep_last, also keep the step checkpoint with the lowest eval loss (checkpoints whose
     step has an eval, i.e. save_every a multiple of eval_every)."""
+    loss_chunk_tokens: int = 256
+    """Target positions per chunk of the output head and cross-entropy, computed together so that
+    the full-vocabulary logits of the batch never exist (orchestrator/loss.py; Liger's fused
+    kernel on CUDA when liger-kernel is installed). 0 computes transformers' full logits."""
+    check_memory: bool = True
+    """Before any worker starts, predict each worker's peak memory (what `orchestrator plan`
+    prints) and refuse, showing the plan, a run that cannot fit the memory its workers will have
+    (this node's GPU, or on CPU the host memory divided among the workers; not checked where that
+    is unknown, e.g. on a remote cluster). false trains anyway."""
+    device_memory: str | None = None
+    """Memory of one worker's device for that check and for `orchestrator plan`, e.g. 24GiB or
+    80GB; None: this node's GPU (cluster.use_gpu=true) or the host memory divided among the
+    workers of a local run. Set it for a cluster whose GPUs this node cannot see."""
     peak_tflops: float | None = None
     """Peak dense TFLOP/s of one worker's device, the denominator of the `mfu` metric. None looks
     it up for known GPUs (bf16/fp16 tensor-core rate, TF32 for fp32) and measures a matmul on CPU;

@@ -126,9 +126,20 @@ def _static_checks(run: RunConfig, skip_resume: bool = False) -> list[str]:
     need(t.epochs >= 1, f"trainer.epochs: must be >= 1, got {t.epochs}")
     need(t.log_every >= 1, f"trainer.log_every: must be >= 1, got {t.log_every}")
     need(
+        t.loss_chunk_tokens >= 0,
+        f"trainer.loss_chunk_tokens: must be >= 0 (0: full logits), got {t.loss_chunk_tokens}",
+    )
+    need(
         t.peak_tflops is None or t.peak_tflops > 0,
         f"trainer.peak_tflops: must be positive (TFLOP/s of one device) or null to look it up, got {t.peak_tflops}",
     )
+    if t.device_memory is not None:
+        from orchestrator.plan import parse_bytes
+
+        try:
+            parse_bytes(t.device_memory)
+        except ValueError as e:
+            p.append(f"trainer.device_memory: {e}; or null for this node's GPU or host memory per worker")
     for f in ("save_every", "eval_every", "keep_last"):
         need(getattr(t, f) >= 0, f"trainer.{f}: must be >= 0, got {getattr(t, f)}")
     need(d.max_seq_len >= 8, f"data.max_seq_len: must be >= 8, got {d.max_seq_len}")
@@ -661,8 +672,9 @@ def _resources(run: RunConfig, output_dir: bool = True) -> list[str]:
         if free < need:
             p.append(
                 f"{_run_dir_field(run)}: {probe} has {_human(free)} free but the run's checkpoints need about "
-                f"{_human(need)} (adapter.r={run.adapter.r}, trainer.save_every={t.save_every}, "
-                f"trainer.keep_last={t.keep_last}); free space, lower trainer.keep_last, or choose another output_dir"
+                f"{_human(need)} (adapter.r={run.adapter.r}, trainer.max_steps={t.max_steps}, "
+                f"trainer.save_every={t.save_every}, trainer.keep_last={t.keep_last}); free space, lower "
+                "trainer.keep_last, or choose another output_dir"
             )
     return p
 

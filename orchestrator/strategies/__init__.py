@@ -8,7 +8,6 @@ one), and a conf/strategy/<name>.yaml that sets `name` and whatever else it chan
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -27,11 +26,16 @@ OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 class Strategy(Protocol):
     name: str
 
-    def load_context(self) -> contextlib.AbstractContextManager:
-        """Entered around loading the base (ZeRO-3 partitions it while it loads)."""
+    def shard_layer(self, module: nn.Module) -> None:
+        """Called by the loader (orchestrator/loading.py) on each decoder layer as soon as its base
+        weights are real and its adapter initialised, then once on the whole model: lay out the
+        module's frozen base parameters not laid out yet (FSDP2 fully_shard, ZeRO-3 partitioning),
+        so that no worker ever holds the whole base. A no-op where every worker keeps the base
+        whole (single, ddp, zero2)."""
 
     def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """Shard or replicate `model` and build the optimizer over its trainable parameters."""
+        """Wrap the loaded `model` (its base already laid out by shard_layer) and build the optimizer
+        over its trainable parameters."""
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch (gradients accumulate until optimizer_step)."""
@@ -57,9 +61,9 @@ def build_strategy(run: RunConfig) -> Strategy:
 
     cfg = run.strategy
     if cfg.name == "fsdp":
-        from orchestrator.strategies.fsdp import shard_base
+        from orchestrator.strategies.fsdp import shard_module
 
-        return ReplicatedAdapterStrategy(cfg, shard_base)
+        return ReplicatedAdapterStrategy(cfg, shard_module)
     if cfg.name in ("ddp", "single"):
         return ReplicatedAdapterStrategy(cfg)
     if cfg.name in ZERO_STAGES:

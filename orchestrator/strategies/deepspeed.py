@@ -15,7 +15,6 @@ the boundary engine.step() that reduces, clips and updates once.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -170,32 +169,32 @@ class DeepSpeedStrategy:
             dtype=run.model.dtype,
         )
         self.engine = None
+        self._partitioner = None
         self._params: list[nn.Parameter] = []
         self._micro = 0
 
     def ds_config(self, world_size: int | None = None) -> dict:
         return build_ds_config(self.cfg, world_size=world_size or _world_size(), **self._config_args)
 
-    def load_context(self) -> contextlib.AbstractContextManager:
-        """Enter around load_base: under zero3 the base is partitioned while it loads (zero.Init
-        via transformers' HfDeepSpeedConfig), so no worker ever holds all of it. from_pretrained
-        must then be called WITHOUT device_map (transformers refuses device_map under ZeRO-3).
-        A no-op for zero2 and for NF4 bases (transformers does not zero-init quantized models;
-        they are partitioned at prepare instead)."""
-        if self.stage != 3 or self.quant_kind != "none":
-            return contextlib.nullcontext()
-        return self._zero3_init()
+    def shard_layer(self, module: nn.Module) -> None:
+        """ZeRO-3: partition the module's frozen base parameters as the loader completes each layer,
+        so no worker ever holds all of them; the adapter stays whole (a resumed adapter is restored
+        into it) until deepspeed.initialize partitions what is left. bf16 and NF4 alike (the packed
+        4-bit storage is a float tensor DeepSpeed flattens; its quant state stays on every worker).
+        A no-op for zero2, which keeps parameters whole."""
+        if self.stage != 3:
+            return
+        frozen = [p for p in module.parameters() if not p.requires_grad and not hasattr(p, "ds_id")]
+        if not frozen:
+            return
+        if self._partitioner is None:
+            import deepspeed
 
-    @contextlib.contextmanager
-    def _zero3_init(self):
-        from transformers.integrations import HfDeepSpeedConfig
-
-        _init_deepspeed_dist()
-        keep = HfDeepSpeedConfig(self.ds_config())  # transformers holds only a weak reference
-        try:
-            yield keep
-        finally:
-            del keep
+            _init_deepspeed_dist()
+            # zero.Init with module= partitions every parameter of the module, the adapter's too, and
+            # patches F.linear; DeepSpeed's own conversion of a parameter list does only the former.
+            self._partitioner = deepspeed.zero.Init(config_dict_or_path=self.ds_config())
+        self._partitioner._convert_to_zero_parameters(frozen)
 
     def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
         import deepspeed

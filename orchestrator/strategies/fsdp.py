@@ -1,4 +1,4 @@
-"""fsdp: FSDP2 fully_shard on every decoder layer and on the root.
+"""fsdp: FSDP2 fully_shard on every decoder layer and on the root, each as it loads.
 
 The frozen base (bf16, or NF4 packed in a float storage dtype) is sharded, so each worker holds
 ~1/N of it and gathers one layer at a time. The adapter parameters are `ignored_params`: they
@@ -20,9 +20,10 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=len))
 
 
-def shard_base(model: nn.Module, cfg: StrategyConfig, ignored: set) -> None:
+def shard_module(module: nn.Module, cfg: StrategyConfig) -> None:
+    """fully_shard one decoder layer as the loader completes it, and last the root (embeddings,
+    norm, head; the layers inside are already sharded). The adapter stays out of it."""
     from torch.distributed.fsdp import fully_shard
 
-    for layer in decoder_layers(model):
-        fully_shard(layer, reshard_after_forward=cfg.reshard_after_forward, ignored_params=ignored)
-    fully_shard(model, reshard_after_forward=cfg.reshard_after_forward, ignored_params=ignored)
+    adapter = {p for p in module.parameters() if p.requires_grad}
+    fully_shard(module, reshard_after_forward=cfg.reshard_after_forward, ignored_params=adapter)

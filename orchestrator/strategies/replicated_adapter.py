@@ -16,7 +16,6 @@ its reentrant-checkpointing pitfalls.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +30,7 @@ from orchestrator.strategies.optimizer_shard import OptimizerShard
 
 log = logging.getLogger("orchestrator")
 
-ShardBase = Callable[[nn.Module, StrategyConfig, set], None]
+ShardModule = Callable[[nn.Module, StrategyConfig], None]
 
 
 def allreduce_grads(params: list[nn.Parameter]) -> None:
@@ -59,20 +58,19 @@ def local_param_bytes(model: nn.Module) -> dict[str, int]:
 
 
 class ReplicatedAdapterStrategy:
-    def __init__(self, cfg: StrategyConfig, shard_base: ShardBase | None = None):
+    def __init__(self, cfg: StrategyConfig, shard_module: ShardModule | None = None):
         self.name = cfg.name
         self.cfg = cfg
-        self.shard_base = shard_base
+        self.shard_module = shard_module
         self._params: list[nn.Parameter] = []
         self.shard: OptimizerShard | None = None
 
-    def load_context(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
+    def shard_layer(self, module: nn.Module) -> None:
+        if self.shard_module is not None:
+            self.shard_module(module, self.cfg)
 
     def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
         self._params = [p for p in model.parameters() if p.requires_grad]
-        if self.shard_base is not None:
-            self.shard_base(model, self.cfg, set(self._params))
         world = dist.get_world_size() if dist.is_initialized() else 1
         self.shard = None
         if self.cfg.shard_optimizer and world > 1:
