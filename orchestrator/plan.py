@@ -56,9 +56,12 @@ ACTIVATION_COEFFS = {
 # Calibrated terms (see README "Memory planner" for the runs they come from and `--probe` to refit
 # them on your machine).
 CALIBRATION: dict[str, float] = {
-    # A CPU worker before it loads anything: Python, torch, transformers, PEFT, bitsandbytes, the
-    # Ray worker and the tokenized data.
-    "cpu_process_bytes": 600 * MiB,
+    # A CPU worker when its setup begins: Python, torch and the Ray Train worker. It varies from
+    # ~390 to ~490 MiB on one machine with what Ray ran in the process before (Ray reuses idle
+    # worker processes for actors); the workers log it as start_memory_bytes.
+    "cpu_worker_bytes": 400 * MiB,
+    # What setup adds before the base: transformers, PEFT, bitsandbytes, the tokenizer and the data.
+    "cpu_libraries_bytes": 200 * MiB,
     # DeepSpeed's import and engine on top of that.
     "cpu_deepspeed_bytes": 25 * MiB,
     # One-time buffers of the first forward/backward on CPU (oneDNN/OpenMP scratch, thread pools).
@@ -350,7 +353,7 @@ def _source_layer_bytes(shape: Shape, run: RunConfig, dt: int) -> int:
 def _overhead(run: RunConfig, strategy: str, device: str) -> Item:
     if device == "cuda":
         return Item("framework: CUDA context", int(CALIBRATION["cuda_context_bytes"]), "outside torch's allocator")
-    b = CALIBRATION["cpu_process_bytes"]
+    b = CALIBRATION["cpu_worker_bytes"] + CALIBRATION["cpu_libraries_bytes"]
     if strategy in ZERO_STAGES:
         b += CALIBRATION["cpu_deepspeed_bytes"]
     return Item("framework: Python, torch, Ray worker", int(b), "calibrated")
@@ -807,5 +810,5 @@ def refit(plan: Plan, steady_peak: float) -> dict[str, float]:
         CALIBRATION["cuda_allocator_slack"] = max((slack + gap) / max(acts, 1), 0.0)
         return {"cuda_allocator_slack": CALIBRATION["cuda_allocator_slack"]}
     gap = steady_peak - p.steady_bytes
-    CALIBRATION["cpu_process_bytes"] = max(CALIBRATION["cpu_process_bytes"] + gap, 0.0)
-    return {"cpu_process_bytes": CALIBRATION["cpu_process_bytes"]}
+    CALIBRATION["cpu_worker_bytes"] = max(CALIBRATION["cpu_worker_bytes"] + gap, 0.0)
+    return {"cpu_worker_bytes": CALIBRATION["cpu_worker_bytes"]}

@@ -198,7 +198,7 @@ def test_ray_starts_in_its_own_session_and_our_handlers_survive_its_init(tmp_pat
 
 # ZeRO-3 with dropout: the resumed run must also bring back DeepSpeed's partitioned optimizer state
 # and every rank's RNG stream exactly to end with the uninterrupted adapter.
-STEPS = 60
+STEPS = 30
 RUN = [
     "experiment=demo",
     "tracking=none",

@@ -285,5 +285,5 @@ def test_probe_trains_two_steps_and_refits_the_overhead(demo_model, capsys):
     assert 0 < measured["start"] <= measured["steady_peak"]
     # after the refit the chosen strategy's steady figure is the measured one (the overhead moved)
     assert out["after"]["steady_bytes_per_worker"] == pytest.approx(measured["steady_peak"], abs=16)
-    assert out["refitted"]["cpu_process_bytes"] != P.CALIBRATION["cpu_process_bytes"]  # restored after
+    assert out["refitted"]["cpu_worker_bytes"] != P.CALIBRATION["cpu_worker_bytes"]  # restored after
     assert out["before"]["strategies"]["fsdp"]["steady_bytes"] != out["after"]["strategies"]["fsdp"]["steady_bytes"]
