@@ -472,7 +472,6 @@ def _tokenizer(run: RunConfig) -> tuple[Any, list[str]]:
 
 
 SHOWN = 3  # lines named per kind of finding
-MAX_REPORTED = 20
 
 
 def _data(run: RunConfig, tokenizer: Any = None, commit: bool = True) -> list[str]:
@@ -494,6 +493,7 @@ def _data(run: RunConfig, tokenizer: Any = None, commit: bool = True) -> list[st
     if not count:
         return p + _check_rows(run)
     from orchestrator.data.dataset import prepare, train_rows
+    from orchestrator.data.formats import MAX_REPORTED
 
     sizes, eval_given = [], run.data.eval_path is not None
     for prep in prepare(run, tokenizer, commit=commit):
