@@ -273,6 +273,13 @@ class RunLock:
 
     # --- taking and giving back ---------------------------------------------------------------
 
+    def check_free(self) -> None:
+        """RunDirInUse when a live process holds the lock now; reads only. A command calls it before
+        its validation, which may spend minutes tokenizing the data into the shared cache."""
+        found = self._read(self.path)
+        if found is not None and self._stale(found[1], found[2], self.stale_after_s) is None:
+            raise RunDirInUse(self._in_use(found[1]))
+
     def acquire(self) -> None:
         """Take the lock, taking over a dead holder's, or raise RunDirInUse at once."""
         self.rundir.root.mkdir(parents=True, exist_ok=True)
