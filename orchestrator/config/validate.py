@@ -738,10 +738,13 @@ def validate(run: RunConfig, environment: bool = True, on_cluster: bool = False)
             rest += _resources(run, output_dir="output_dir" not in bad)
         if "strategy.ds_config" not in bad:
             rest += _deepspeed_json(run)
-        # The data pass is the one that writes (the tokenized cache): only for a run that can start.
+        # The data pass is the one that writes (the tokenized cache): only for a run that can start
+        # here or in this cluster job. A submission (dry run or not) only checks: its job builds the
+        # cache where it runs, under storage_path.
         mix_bad = any(path_problem("", m.path) for m in run.data.mix)
         if not {"data.path", "data.eval_path"} & set(bad) and not mix_bad and (here or on_cluster or _data_here(run)):
-            problems[data_at:data_at] = _data(run, tokenizer, commit=not (problems or rest))
+            commit = (here or on_cluster) and not (problems or rest)
+            problems[data_at:data_at] = _data(run, tokenizer, commit=commit)
         problems += rest
     if problems:
         raise ConfigError(problems)
