@@ -158,6 +158,7 @@ class TrainCommand:
         try:
             run = resolve(cfg)
             demo.localise(run)
+            _refuse_if_in_use(run)
             validate(run)
         except ConfigError as e:
             raise ConfigError(self.problems + e.problems) from None
@@ -424,6 +425,14 @@ def jobs_command(args: argparse.Namespace) -> None:
         _fail(str(e), 1)
 
 
+def _refuse_if_in_use(run: Any) -> None:
+    """RunDirInUse before validation, which may tokenize the data for minutes, when another live
+    command holds output_dir (the lock itself is taken by driver.train)."""
+    root = Path(run.output_dir)
+    if root.is_dir():
+        RunDir(root).lock().check_free()
+
+
 def run_command(args: argparse.Namespace) -> None:
     """Train a composed config as is. This is what cluster jobs execute; every check runs again
     here, on the cluster, before any worker starts."""
@@ -450,6 +459,7 @@ def run_command(args: argparse.Namespace) -> None:
     try:
         run = to_typed(composed, RunConfig)
         demo.localise(run)
+        _refuse_if_in_use(run)
         on_cluster = run.cluster.kind != "local"
         validate(run, on_cluster=on_cluster)
         check_memory(run)

@@ -213,12 +213,12 @@ def param_counts(model: nn.Module) -> tuple[int, int]:
 def fill(model: nn.Module, cfg: ModelConfig, device: torch.device | str, shard: ShardHook | None = None) -> None:
     """Make the skeleton real in place on `device`, decoder layer by decoder layer, calling
     `shard` on each layer when it is complete and on `model` at the end."""
-    from orchestrator.model import DTYPES
+    from orchestrator.model import DTYPES, resolve_model_path
     from orchestrator.strategies.fsdp import decoder_layers
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = torch.device(device)
-    ckpt = Checkpoint(Path(cfg.path))
+    ckpt = Checkpoint(resolve_model_path(cfg.path))
     keys = _checkpoint_keys(base, ckpt)
     adapter = _AdapterInit(model)
     _init_buffers(base, ckpt, device)

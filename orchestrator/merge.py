@@ -10,7 +10,7 @@ import torch
 
 from orchestrator import checkpoint
 from orchestrator.config.schema import ModelConfig, QuantConfig
-from orchestrator.model import fingerprint, load_base, load_tokenizer
+from orchestrator.model import fingerprint, load_base, load_tokenizer, resolve_model_path
 from orchestrator.rundir import ADAPTER_WEIGHTS, MANIFEST
 
 log = logging.getLogger("orchestrator")
@@ -99,7 +99,10 @@ def merge(adapter: Path, output: Path, base: Path | None = None, dtype: str = "b
 
     adapter, output = Path(adapter), Path(output)
     manifest = check_adapter(adapter)
-    base = Path(base or manifest["base_model_path"])
+    try:
+        base = resolve_model_path(str(base or manifest["base_model_path"]))
+    except FileNotFoundError as e:
+        raise BadInput(f"base {e}") from None
     probe = next((q for q in [output, *output.parents] if q.exists()), None)
     if probe is not None and not probe.is_dir():
         raise BadInput(

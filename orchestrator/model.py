@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,10 +33,31 @@ TOKENIZER_FILES = (
 )
 
 
+def resolve_model_path(path: str) -> Path:
+    """model.path as a directory: a local one as given; a hub id (org/name) that is not a local
+    path as its snapshot in the local Hugging Face cache (HF_HUB_CACHE), never downloaded here.
+    FileNotFoundError, saying where it looked, when neither holds it."""
+    local = Path(path)
+    if local.exists() or not _REPO_ID.match(path):
+        return local
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(path, local_files_only=True))
+    except Exception as e:  # noqa: BLE001 - not cached, or a revision without files: said as such
+        raise FileNotFoundError(
+            f"{path} is neither a local directory nor a model in the local Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}; {type(e).__name__}); download it first (`hf download {path}`)"
+        ) from None
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
 def load_model_config(model: ModelConfig) -> PretrainedConfig:
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    return AutoConfig.from_pretrained(resolve_model_path(model.path), trust_remote_code=model.trust_remote_code)
 
 
 def module_names(model_config: PretrainedConfig, model: ModelConfig) -> dict[str, str]:
@@ -72,7 +94,7 @@ def load_base(model: ModelConfig, quant: QuantConfig, device: torch.device | str
     the same weights load_model gives every worker, through the same layer-by-layer loader."""
     from orchestrator import loading
 
-    if not loading.has_safetensors(Path(model.path)):
+    if not loading.has_safetensors(resolve_model_path(model.path)):
         return _from_pretrained(model, quant, device)
     m = loading.skeleton(model, quant)
     loading.fill(m, model, device)
@@ -92,7 +114,7 @@ def load_model(
     (trainable, total) parameter counts, taken before sharding hides the sizes."""
     from orchestrator import loading
 
-    if not loading.has_safetensors(Path(model.path)):
+    if not loading.has_safetensors(resolve_model_path(model.path)):
         if shard is not None:
             raise loading.LoadError(
                 f"{model.path} holds no safetensors weights: a sharding strategy loads the base layer by layer "
@@ -120,7 +142,7 @@ def _from_pretrained(model: ModelConfig, quant: QuantConfig, device: torch.devic
     )
     if quant.kind == "nf4":
         kwargs["quantization_config"] = bnb_config(model, quant)
-    m = AutoModelForCausalLM.from_pretrained(model.path, **kwargs)
+    m = AutoModelForCausalLM.from_pretrained(resolve_model_path(model.path), **kwargs)
     if quant.kind == "nf4":
         _keep_4bit_layout(m)
     m.requires_grad_(False)
@@ -149,7 +171,7 @@ def _keep_4bit_layout(model: PreTrainedModel) -> None:
 def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(model.path), trust_remote_code=model.trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # padding is masked everywhere, any id will do
     return tok
@@ -180,7 +202,7 @@ def _weights_digest(path: Path, h: hashlib._Hash) -> None:
 def fingerprint(model: ModelConfig, quant: QuantConfig) -> dict:
     """Identity of a base: architecture config, tokenizer and chat template, quantization, and
     its weight files (sizes, safetensors headers and sampled contents; see _weights_digest)."""
-    path = Path(model.path)
+    path = resolve_model_path(model.path)
     h = hashlib.sha256()
     cfg = json.loads((path / "config.json").read_text())
     for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"):

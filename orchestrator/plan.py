@@ -135,7 +135,7 @@ def model_shape(run: RunConfig, model_config: PretrainedConfig | None = None) ->
     from transformers import AutoModelForCausalLM
 
     from orchestrator.adapters import peft_config
-    from orchestrator.model import load_model_config
+    from orchestrator.model import load_model_config, resolve_model_path
     from orchestrator.strategies.fsdp import decoder_layers
 
     try:
@@ -177,10 +177,11 @@ def model_shape(run: RunConfig, model_config: PretrainedConfig | None = None) ->
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     source = str(getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or "bfloat16")
     source_bytes = 4 if "32" in source else 2
-    files = sorted(Path(run.model.path).glob("*.safetensors"))
+    model_dir = resolve_model_path(run.model.path)
+    files = sorted(model_dir.glob("*.safetensors"))
     checkpoint = sum(f.stat().st_size for f in files) or sum(p.numel for p in base) * source_bytes
     return Shape(
-        safetensors=bool(files) or not any(Path(run.model.path).glob("*.bin")),
+        safetensors=bool(files) or not any(model_dir.glob("*.bin")),
         checkpoint_bytes=checkpoint,
         checkpoint_dtype_bytes=source_bytes,
         model_type=cfg.model_type,
@@ -761,7 +762,6 @@ def probe(run: RunConfig, workdir: Any) -> dict[str, Any]:
     Ray) and refit the calibrated overhead terms to what its workers measured. Returns the plans
     before and after, the measured figures and the refitted terms; CALIBRATION is left as it was."""
     import json
-    from pathlib import Path
 
     from orchestrator import driver
     from orchestrator.config import as_dict

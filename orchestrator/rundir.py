@@ -11,6 +11,10 @@
       ray/                     Ray Train's own storage
       slurm/                   sbatch scripts, their logs, and each job's composed config
 
+    <data cache root>/<key>/   the tokenized data (orchestrator/data/cache.py), shared by runs:
+                               data.cache_dir, else <storage_path>/.data-cache on a cluster, else
+                               .data-cache beside output_dir (a sweep's runs and a resumed run share it)
+
 The Slurm batch script reaches the stop request through `python -m orchestrator.rundir`, so the
 file name and the incarnation formula live here only. Only the standard library is imported at
 module level: that command runs inside a signal trap (the lock imports psutil when taken).
@@ -152,6 +156,19 @@ class RunDir:
             self.stop_request.unlink()
 
 
+DATA_CACHE = ".data-cache"
+
+
+def data_cache_root(output_dir: str, storage_path: str | None = None, cache_dir: str | None = None) -> Path:
+    """Where tokenized data is cached: beside the run rather than in it, so every run of a sweep,
+    a resumed run and a requeued job find it (see the layout above)."""
+    if cache_dir:
+        return Path(cache_dir).absolute()
+    if storage_path:
+        return Path(storage_path).absolute() / DATA_CACHE
+    return Path(output_dir).absolute().parent / DATA_CACHE
+
+
 def incarnation() -> str:
     """Who may ask this run to stop: the Slurm job and its restart count (its batch script asks
     too, possibly before the driver starts), else this process."""
@@ -255,6 +272,13 @@ class RunLock:
         self.release()
 
     # --- taking and giving back ---------------------------------------------------------------
+
+    def check_free(self) -> None:
+        """RunDirInUse when a live process holds the lock now; reads only. A command calls it before
+        its validation, which may spend minutes tokenizing the data into the shared cache."""
+        found = self._read(self.path)
+        if found is not None and self._stale(found[1], found[2], self.stale_after_s) is None:
+            raise RunDirInUse(self._in_use(found[1]))
 
     def acquire(self) -> None:
         """Take the lock, taking over a dead holder's, or raise RunDirInUse at once."""

@@ -20,7 +20,8 @@ from torch import nn
 
 from orchestrator.config.schema import RunConfig
 from orchestrator.config.typed import to_typed
-from orchestrator.data import GlobalBatchSampler, collate, encode_rows, split_rows, target_tokens
+from orchestrator.data import GlobalBatchSampler, collate, target_tokens
+from orchestrator.data.dataset import TokenizedRows, open_data
 from orchestrator.distributed import Dist, current_memory_bytes, peak_memory_bytes, reset_peak_memory
 from orchestrator.flops import FlopCounter, peak_flops
 from orchestrator.loss import LossFn, build_loss
@@ -47,8 +48,8 @@ class Job:
     run: RunConfig
     d: Dist
     pad_id: int
-    train: list[Example]
-    evals: list[Example]
+    train: TokenizedRows
+    evals: TokenizedRows
     sampler: GlobalBatchSampler
     strategy: Strategy
     model: nn.Module
@@ -91,10 +92,8 @@ def setup(run: RunConfig) -> Job:
     torch.manual_seed(run.trainer.seed + d.rank)  # dropout masks differ per worker, like their data
 
     tokenizer = load_tokenizer(run.model)
-    data = run.data
-    train_rows, eval_rows = split_rows(data.path, data.format, data.eval_path, data.eval_fraction, run.trainer.seed)
-    train = encode_rows(train_rows, data.format, tokenizer, data.max_seq_len)
-    evals = encode_rows(eval_rows, data.format, tokenizer, data.max_seq_len)
+    # Tokenized once by validation on the driver: memory-mapped here, read a micro-batch at a time.
+    train, evals = open_data(run, tokenizer)
 
     strategy = build_strategy(run)
     peft_model, (n_trainable, n_total) = load_model(run.model, run.quant, run.adapter, d.device, strategy.shard_layer)
@@ -175,7 +174,7 @@ def run_steps(job: Job) -> bool:
         t0 = time.perf_counter()
         global_rows = job.sampler.all_step_indices(step)
         n_target = target_tokens(job.train, global_rows)
-        lengths = [len(job.train[i][0]) for i in global_rows]
+        lengths = [job.train.length(i) for i in global_rows]
         loss = torch.zeros((), device=d.device)
         for micro in job.sampler.step_indices(step):
             micro_loss = job.loss(job.model, _batch([job.train[i] for i in micro], job.pad_id, d), n_target)

@@ -22,6 +22,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from orchestrator import adapters, checkpoint
 from orchestrator.config.schema import RunConfig, as_dict
 from orchestrator.distributed import Dist
+from orchestrator.model import resolve_model_path
 from orchestrator.rundir import ADAPTER, ADAPTER_WEIGHTS, MANIFEST, STATE, TRAINER_STATE, RunDir
 from orchestrator.strategies import Strategy
 
@@ -58,7 +59,7 @@ def manifest(run: RunConfig, step: int, base_fp: dict) -> dict:
     cfg = as_dict(run)
     cfg.pop("output_dir")
     return {
-        "base_model_path": str(Path(run.model.path).resolve()),
+        "base_model_path": str(resolve_model_path(run.model.path).resolve()),
         "base_fingerprint": base_fp,
         "adapter": as_dict(run.adapter),
         "quant": as_dict(run.quant),

@@ -140,16 +140,18 @@ def test_tokenizing_is_bounded_and_exact(demo_model, fmt):
 # --- 3. a directory as data.path ----------------------------------------------------------------------
 
 
-def test_data_path_directory_says_so_and_what_is_expected(demo_root, tmp_path):
+def test_data_path_directory_is_read_whole_or_says_what_it_lacks(demo_root, tmp_path):
     d = tmp_path / "shards"
     d.mkdir()
     for name in ("part-0.jsonl", "part-1.jsonl"):
-        _write(d / name, _demo_lines()[:3])
+        _write(d / name, _demo_lines()[:6])
+    assert len(read_rows(d, "alpaca")) == 12  # every shard, in name order
+    (d / "notes.txt").write_text("x")
+    for f in ("part-0.jsonl", "part-1.jsonl"):
+        (d / f).unlink()
     (problem,) = _problems(_run(tmp_path, f"data.path={d}"))
     assert problem == (
-        f"data.path: {d}: is a directory; expected one JSONL file of alpaca rows (one JSON object per "
-        "line); it holds 2 .jsonl file(s) (part-0.jsonl, part-1.jsonl): concatenate them into one "
-        "file, or name one"
+        f"data.path: {d}: is a directory that holds no data files (.jsonl, .ndjson, .json, .csv, .parquet, .arrow)"
     )
     (problem,) = _problems(_run(tmp_path, f"data.eval_path={d}"))
     assert problem.startswith(f"data.eval_path: {d}: is a directory")

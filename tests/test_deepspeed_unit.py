@@ -22,6 +22,7 @@ def ds(name="zero2", **kw):
 def run_with(name: str, **strategy) -> RunConfig:
     r = RunConfig()
     r.model.path = "/nonexistent"
+    r.data.path = "/nonexistent.jsonl"
     r.strategy = StrategyConfig(name=name, **strategy)
     return r
 

@@ -114,18 +114,63 @@ class OptimConfig:
     """Clip the global adapter grad norm to this; 0 disables clipping (the norm is still logged)."""
 
 
+DataFormat = Literal["alpaca", "chat", "sharegpt", "completion", "text"]
+
+
+@dataclass
+class DataSource:
+    """One dataset of a mixture (data.mix); its rows are read like data.path's."""
+
+    path: str = "???"
+    """What data.path takes: a file, directory, glob, save_to_disk directory or hub dataset name."""
+    weight: float = 1.0
+    """Times each of its training rows is used per epoch: 1 every row once, 0.25 a seeded quarter of
+    them, 3 every row three times, 2.5 every row twice and a seeded half of them once more."""
+    format: DataFormat | None = None
+    """Its rows' format; None: data.format."""
+    columns: dict[str, str] | None = None
+    """Its column mapping; None: data.columns."""
+    split: str | None = None
+    """Its split (save_to_disk DatasetDicts, directories and hub datasets); None: data.split."""
+
+
 @dataclass
 class DataConfig:
-    path: str = "???"
-    """JSONL file, one example per line."""
-    format: Literal["alpaca", "chat"] = "alpaca"
-    """alpaca: instruction/input/output. chat: a `messages` list rendered by the chat template."""
+    path: str | None = None
+    """The training rows: a JSONL, JSON, Parquet, CSV or Arrow file; a directory or glob of them; a
+    `datasets` save_to_disk directory; or a hub dataset name (org/name) read from the local Hugging
+    Face cache (HF_HUB_OFFLINE=1: only from there). Required unless data.mix is given."""
+    mix: list[DataSource] = field(default_factory=list)
+    """Several datasets mixed with weights, instead of data.path, e.g.
+    data.mix='[{path: a.parquet, weight: 2}, {path: org/chat, format: chat}]'."""
+    format: DataFormat = "alpaca"
+    """alpaca: instruction/input/output. chat: a `messages` list (system, user, assistant, tool roles,
+    tool_calls) rendered by the chat template. sharegpt: `conversations` of {from, value}. completion:
+    prompt/completion strings. text: a `text` field, all of it learned (continued pre-training)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """The dataset's names for the format's fields, e.g. {instruction: question, output: answer} or
+    {messages: conversation}; sharegpt also maps `from` and `value`, the keys inside each turn."""
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    """Which tokens carry loss: every assistant turn (responses, completions); only the last
+    assistant turn (what templates that are not prefix-consistent, like Qwen3's, allow); all tokens."""
+    split: str = "train"
+    """The split read from a DatasetDict, a directory of split files or a hub dataset."""
+    eval_split: str | None = None
+    """The split read from data.eval_path; None: data.split."""
     max_seq_len: int = 512
     """Sequences are truncated to this many tokens; must fit the model's context."""
     eval_fraction: float = 0.0
     """Fraction of rows held out for evaluation (chosen deterministically from trainer.seed)."""
     eval_path: str | None = None
-    """Separate JSONL for evaluation; overrides eval_fraction."""
+    """Separate evaluation rows (anything data.path takes); overrides eval_fraction."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """A row that is not a row of the format (or that the tokenizer cannot encode): error refuses the
+    data, naming the first 20 and counting the rest; skip leaves such rows out and says how many."""
+    cache_dir: str | None = None
+    """Where the tokenized data is cached (see rundir.data_cache_root); None: <storage_path>/.data-cache
+    on a cluster, else .data-cache beside output_dir, so a sweep's runs, resumes and requeues share it."""
+    num_proc: int | None = None
+    """Processes that tokenize on the driver; None: the machine's cores, at most 8."""
 
 
 @dataclass

@@ -143,6 +143,7 @@ def _static_checks(run: RunConfig, skip_resume: bool = False) -> list[str]:
     for f in ("save_every", "eval_every", "keep_last"):
         need(getattr(t, f) >= 0, f"trainer.{f}: must be >= 0, got {getattr(t, f)}")
     need(d.max_seq_len >= 8, f"data.max_seq_len: must be >= 8, got {d.max_seq_len}")
+    p.extend(_data_static(run))
     need(0 <= d.eval_fraction < 1, f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
     need(
         len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
@@ -195,6 +196,43 @@ SHARDS_BASE = {
     "fsdp": "FSDP flattens each layer's parameters into one buffer of one dtype",
     **{name: _DS_CAST for name in DEEPSPEED},
 }
+
+
+def _data_static(run: RunConfig) -> list[str]:
+    from orchestrator.data.formats import FORMAT_FIELDS
+
+    d, p = run.data, []
+    if d.path is None and not d.mix:
+        p.append(
+            "data.path: is required but not set; give a JSONL, JSON, Parquet, CSV or Arrow file, a directory or glob "
+            "of them, a save_to_disk directory or a hub dataset name, or several datasets as data.mix"
+        )
+    if d.path is not None and d.mix:
+        p.append(
+            "data.path and data.mix: give one of them (data.mix lists every dataset of a mixture, with its weight)"
+        )
+    for field, fmt, columns in [("data.columns", d.format, d.columns)] + [
+        (f"data.mix[{i}].columns", m.format or d.format, m.columns) for i, m in enumerate(d.mix)
+    ]:
+        unknown = sorted(set(columns or {}) - set(FORMAT_FIELDS[fmt]))
+        if unknown:
+            p.append(
+                f"{field}: {', '.join(unknown)} {'is not a field' if len(unknown) == 1 else 'are not fields'} of "
+                f"data.format={fmt}; it maps {', '.join(FORMAT_FIELDS[fmt])} to the dataset's own names"
+            )
+        bad = sorted(k for k, v in (columns or {}).items() if not isinstance(v, str) or not v)
+        if bad:
+            p.append(f"{field}: {', '.join(bad)} must map to a column name, a non-empty string")
+    for i, m in enumerate(d.mix):
+        if not m.weight > 0:
+            p.append(f"data.mix[{i}].weight: must be positive (times each row is used per epoch), got {m.weight}")
+        if msg := path_problem(f"data.mix[{i}].path", m.path):
+            p.append(msg)
+    if d.num_proc is not None and d.num_proc < 1:
+        p.append(f"data.num_proc: must be >= 1, or null for the machine's cores, got {d.num_proc}")
+    if d.cache_dir is not None and (msg := path_problem("data.cache_dir", d.cache_dir)):
+        p.append(msg)
+    return p
 
 
 def _cluster_static(run: RunConfig) -> list[str]:
@@ -312,10 +350,34 @@ def _deepspeed_json(run: RunConfig) -> list[str]:
     return []
 
 
+def _model_dir(run: RunConfig) -> Path | None:
+    """model.path as a directory here (a hub id through the local cache), or None."""
+    from orchestrator.model import resolve_model_path
+
+    try:
+        path = resolve_model_path(run.model.path)
+    except FileNotFoundError:
+        return None
+    return path if path.exists() else None
+
+
+def _data_here(run: RunConfig) -> bool:
+    """Whether some of the data a cluster job names can be read from this machine."""
+    import glob
+
+    paths = [s.spec.path for s in _sources(run)]
+    return any(Path(x).exists() or glob.has_magic(x) and glob.glob(x) for x in paths)
+
+
 def _model(run: RunConfig) -> tuple[list[str], Any]:
     """(problems, the tokenizer or None): config, architecture, adapter targets, weight files and
     tokenizer of model.path."""
-    path = Path(run.model.path)
+    from orchestrator.model import resolve_model_path
+
+    try:
+        path = resolve_model_path(run.model.path)
+    except FileNotFoundError as e:
+        return [f"model.path: {e}"], None
     if path.is_file():
         return [
             f"model.path: {path} is a file; expected a Hugging Face model directory (config.json, weights, tokenizer)"
@@ -376,9 +438,9 @@ def _tokenizer(run: RunConfig) -> tuple[Any, list[str]]:
     """(tokenizer, []) as the workers will load it, or (None, [why it cannot be loaded, naming the file])."""
     import json
 
-    from orchestrator.model import TOKENIZER_FILES, load_tokenizer
+    from orchestrator.model import TOKENIZER_FILES, load_tokenizer, resolve_model_path
 
-    path = Path(run.model.path)
+    path = resolve_model_path(run.model.path)
     present = [f for f in TOKENIZER_FILES if (path / f).is_file()]
     if not any(f in present for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         return None, [f"model.path: {path} has no tokenizer files (tokenizer.json or tokenizer_config.json)"]
@@ -412,91 +474,150 @@ def _tokenizer(run: RunConfig) -> tuple[Any, list[str]]:
 SHOWN = 3  # lines named per kind of finding
 
 
-def _data(run: RunConfig, tokenizer: Any = None) -> list[str]:
-    """Every row of the data files read once: checked, and, with the tokenizer, encoded as the
-    workers will encode it, counting the rows that truncation leaves without a target token."""
-    from orchestrator.data.formats import MAX_REPORTED, DataError, iter_rows, row_byte_cap
-    from orchestrator.data.tokenize import encode_row, row_targets
-
+def _data(run: RunConfig, tokenizer: Any = None, commit: bool = True) -> list[str]:
+    """Every source read once: without a tokenizer its rows are only checked; with one, this is
+    the tokenize-once pass (orchestrator/data/cache.py), which encodes every row as the workers
+    will see it, names those it cannot, counts those truncation leaves without a target, and
+    commits the cache the workers then memory-map (commit=False: nothing is written)."""
     d = run.data
     p: list[str] = []
     max_len = d.max_seq_len
     count = tokenizer is not None and max_len >= 8  # a smaller one is reported on its own
-    if count and d.format == "chat" and not getattr(tokenizer, "chat_template", None):
+    chat = {s.spec.format for s in _sources(run)} & {"chat", "sharegpt"}
+    if count and chat and not getattr(tokenizer, "chat_template", None):
         p.append(
-            f"data.format=chat: the tokenizer in model.path={run.model.path} has no chat template "
+            f"data.format={sorted(chat)[0]}: the tokenizer in model.path={run.model.path} has no chat template "
             "(chat_template.jinja or tokenizer_config.json's chat_template) to render the messages with"
         )
         count = False
-    cap = row_byte_cap(min(max(max_len, 0), 1 << 24))
-    n_rows = None
-    for field, path in (("data.path", d.path), ("data.eval_path", d.eval_path)):
-        if path is None:
+    if not count:
+        return p + _check_rows(run)
+    from orchestrator.data.dataset import prepare, train_rows
+    from orchestrator.data.formats import MAX_REPORTED
+
+    sizes, eval_given = [], run.data.eval_path is not None
+    for prep in prepare(run, tokenizer, commit=commit):
+        field, path = prep.source.field, prep.source.spec.path
+        if prep.error is not None:
+            p.extend(f"{field}: {x}" for x in prep.error.problems)
             continue
-        n, targetless = 0, []
-        failed: dict[str, list[int]] = {}  # why a row cannot be encoded -> its lines
-        try:
-            for lineno, row in iter_rows(path, d.format, cap):
-                n += 1
-                if not count:
-                    continue
-                try:
-                    _, labels = encode_row(row, d.format, tokenizer, max_len)
-                except Exception as e:  # noqa: BLE001 - a row the workers could not encode either
-                    failed.setdefault(_first_line(e), []).append(lineno)
-                    continue
-                if not row_targets(labels):
-                    targetless.append(lineno)
-        except DataError as e:
-            p.extend(f"{field}: {x}" for x in e.problems)
-            if e.total and e.total > len(e.problems):
-                p.append(f"{field}: {path}: ... and {e.total - len(e.problems)} more bad lines")
-            continue
-        for why, lines in list(failed.items())[:MAX_REPORTED]:
-            also = (
-                (
-                    f" (the same for {len(lines) - 1} more rows: "
-                    + ", ".join(f"{path}:{x}" for x in lines[1 : 1 + SHOWN])
-                    + (", ...)" if len(lines) > 1 + SHOWN else ")")
+        r = prep.report
+        problems_before = len(p)
+        if r.bad and d.on_bad_row == "error":
+            p.extend(f"{field}: {x}" for x in r.bad_first)
+            if r.bad > len(r.bad_first):
+                p.append(f"{field}: {path}: ... and {r.bad - len(r.bad_first)} more bad rows ({r.bad} in all)")
+        whose = f"the tokenizer in model.path={run.model.path}" + (
+            " (its chat template)" if r.spec.format in chat else ""
+        )
+        failed = sum(r.failed_count.values())
+        if failed and d.on_bad_row == "error":
+            for why, wheres in list(r.failed.items())[:MAX_REPORTED]:
+                more = r.failed_count[why] - 1
+                also = (
+                    f" (the same for {more} more rows: "
+                    + ", ".join(wheres[1 : 1 + SHOWN])
+                    + (", ...)" if more > SHOWN else ")")
+                    if more
+                    else ""
                 )
-                if len(lines) > 1
-                else ""
+                p.append(f"{field}: {wheres[0]}: cannot be tokenized with {whose}: {why}{also}")
+        skipped = (r.bad + failed) if d.on_bad_row == "skip" else 0
+        if skipped:
+            first = (
+                r.bad_first[:SHOWN]
+                + [f"{w[0]}: cannot be tokenized: {why}" for why, w in r.failed.items()][
+                    : max(0, SHOWN - len(r.bad_first))
+                ]
             )
-            whose = f"the tokenizer in model.path={run.model.path}" + (
-                " (its chat template)" if d.format == "chat" else ""
+            log.warning(
+                "data.on_bad_row=skip: skipped %d of %d rows of %s (%s) that are not %s rows or cannot be tokenized; "
+                "the first: %s",
+                skipped,
+                skipped + r.rows,
+                field,
+                path,
+                r.spec.format,
+                "; ".join(first),
             )
-            p.append(f"{field}: {path}:{lines[0]}: cannot be tokenized with {whose}: {why}{also}")
-        examples = ", ".join(f"{path}:{x}" for x in targetless[:SHOWN]) + (", ..." if len(targetless) > SHOWN else "")
-        if targetless and len(targetless) == n:
+            if not r.rows:
+                p.append(
+                    f"{field}: {path}: no row is left after data.on_bad_row=skip left out all {skipped} rows "
+                    f"(e.g. {first[0]}); check data.format={r.spec.format} and data.columns"
+                )
+                continue
+        if len(p) > problems_before:
+            continue
+        examples = ", ".join(r.targetless_first) + (", ..." if r.targetless > len(r.targetless_first) else "")
+        if r.targetless and r.targetless == r.rows:
             p.append(
-                f"data.max_seq_len={max_len} leaves all {n} rows of {field} ({path}) without a target token: "
+                f"data.max_seq_len={max_len} leaves all {r.rows} rows of {field} ({path}) without a target token: "
                 f"the prompt fills the first {max_len} tokens of every row, so truncation cuts every response "
-                f"away (e.g. {path}:{targetless[0]}); raise data.max_seq_len or shorten the prompts"
+                f"away (e.g. {r.targetless_first[0]}); raise data.max_seq_len or shorten the prompts"
             )
-        elif targetless:
+        elif r.targetless:
             log.warning(
                 "data.max_seq_len=%d leaves %d of %d rows of %s (%s) without a target token: their "
                 "responses are cut away and they carry no loss (%s); raise data.max_seq_len to train on them",
                 max_len,
-                len(targetless),
-                n,
+                r.targetless,
+                r.rows,
                 field,
                 path,
                 examples,
             )
-        if field == "data.path":
-            n_rows = n
-    t, c = run.trainer, run.cluster
+        if field != "data.eval_path":
+            sizes.append(r.rows)
+    return p + _batch_check(run, sizes, eval_given, train_rows)
+
+
+def _sources(run: RunConfig) -> list:
+    from orchestrator.data.dataset import eval_source, train_sources
+
+    return [*train_sources(run), *filter(None, [eval_source(run)])]
+
+
+def _check_rows(run: RunConfig) -> list[str]:
+    """Without a tokenizer: every source's rows checked against its format, nothing encoded."""
+    from orchestrator.data.dataset import train_rows
+    from orchestrator.data.formats import DataError, row_byte_cap
+    from orchestrator.data.sources import BadRows, read_source
+
+    d, p, sizes = run.data, [], []
+    cap = row_byte_cap(min(max(d.max_seq_len, 0), 1 << 24))
+    for s in _sources(run):
+        bad = BadRows()
+        try:
+            n = sum(1 for _ in read_source(s.spec, cap, bad))
+        except DataError as e:
+            p.extend(f"{s.field}: {x}" for x in e.problems)
+            continue
+        if bad.count and d.on_bad_row == "error":
+            p.extend(f"{s.field}: {x}" for x in bad.first)
+            if bad.count > len(bad.first):
+                p.append(
+                    f"{s.field}: {s.spec.path}: ... and {bad.count - len(bad.first)} more bad rows ({bad.count} in all)"
+                )
+        elif s.field != "data.eval_path":
+            sizes.append(n)
+    return p + _batch_check(run, sizes, d.eval_path is not None, train_rows)
+
+
+def _batch_check(run: RunConfig, sizes: list[int], eval_given: bool, train_rows: Any) -> list[str]:
+    d, t, c = run.data, run.trainer, run.cluster
     sane = 0 <= d.eval_fraction < 1 and min(t.micro_batch_size, t.grad_accum, c.num_workers) >= 1  # else reported alone
-    if n_rows is not None and sane:
-        n_train = n_rows if d.eval_path else n_rows - int(n_rows * d.eval_fraction)
-        if n_train < run.global_batch():
-            p.append(
-                f"data.path: {n_train} training rows are fewer than one global batch of {run.global_batch()} "
-                f"(trainer.micro_batch_size={t.micro_batch_size} * trainer.grad_accum={t.grad_accum} * "
-                f"cluster.num_workers={c.num_workers}); lower the batch or add data"
-            )
-    return p
+    n_sources = len(d.mix) if d.mix else 1
+    if len(sizes) != n_sources or not sane:
+        return []
+    n_train = train_rows(run, sizes, eval_given)
+    if n_train < run.global_batch():
+        field = "data.mix" if d.mix else "data.path"
+        return [
+            f"{field}: {n_train} training rows are fewer than one global batch of {run.global_batch()} "
+            f"(trainer.micro_batch_size={t.micro_batch_size} * trainer.grad_accum={t.grad_accum} * "
+            f"cluster.num_workers={c.num_workers}); lower the batch or add data"
+        ]
+    return []
 
 
 def _output_dir(run: RunConfig) -> list[str]:
@@ -571,8 +692,11 @@ def _checkpoint_bytes(run: RunConfig) -> int:
     and a margin, for the final adapter plus keep_last (or every) step checkpoint."""
     from orchestrator.model import load_model_config
 
-    if path_problem("model.path", run.model.path) or not (Path(run.model.path) / "config.json").is_file():
-        return 0  # reported by the model checks (and a name that is no directory is a Hub repo id to transformers)
+    if (
+        path_problem("model.path", run.model.path)
+        or not ((_model_dir(run) or Path("/nonexistent")) / "config.json").is_file()
+    ):
+        return 0  # reported by the model checks
     try:
         cfg = load_model_config(run.model)
     except Exception:  # noqa: BLE001 - reported by the model checks
@@ -603,17 +727,25 @@ def validate(run: RunConfig, environment: bool = True, on_cluster: bool = False)
         # A job for a cluster may name paths that exist only there: those are checked on the
         # cluster by `orchestrator run` before any worker starts.
         tokenizer = None
-        if "model.path" not in bad and (here or on_cluster or Path(run.model.path).exists()):
+        if "model.path" not in bad and (here or on_cluster or _model_dir(run) is not None):
             model_problems, tokenizer = _model(run)
             problems += model_problems
-        if not {"data.path", "data.eval_path"} & set(bad) and (here or on_cluster or Path(run.data.path).exists()):
-            problems += _data(run, tokenizer)
+        data_at = len(problems)
+        rest = []
         if "output_dir" not in bad and (here or on_cluster):
-            problems += _output_dir(run)
+            rest += _output_dir(run)
         if here:
-            problems += _resources(run, output_dir="output_dir" not in bad)
+            rest += _resources(run, output_dir="output_dir" not in bad)
         if "strategy.ds_config" not in bad:
-            problems += _deepspeed_json(run)
+            rest += _deepspeed_json(run)
+        # The data pass is the one that writes (the tokenized cache): only for a run that can start
+        # here or in this cluster job. A submission (dry run or not) only checks: its job builds the
+        # cache where it runs, under storage_path.
+        mix_bad = any(path_problem("", m.path) for m in run.data.mix)
+        if not {"data.path", "data.eval_path"} & set(bad) and not mix_bad and (here or on_cluster or _data_here(run)):
+            commit = (here or on_cluster) and not (problems or rest)
+            problems[data_at:data_at] = _data(run, tokenizer, commit=commit)
+        problems += rest
     if problems:
         raise ConfigError(problems)
     return run

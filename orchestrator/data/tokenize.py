@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -44,54 +44,152 @@ def _tokenize(tok: PreTrainedTokenizerBase, text: str, max_len: int, **kwargs) -
     return tok(text, **kwargs)
 
 
-def _encode_alpaca(row: dict, tok: PreTrainedTokenizerBase, max_len: int) -> tuple[list[int], list[int]]:
+def _prompt_answer(
+    tok: PreTrainedTokenizerBase, prompt: str, answer: str, max_len: int, train_on: str
+) -> tuple[list[int], list[int]]:
     # Prompt and response are tokenized apart so the mask boundary is exact whatever the BPE merges.
-    prompt = _tokenize(tok, alpaca_prompt(row), max_len, add_special_tokens=True)["input_ids"]
-    answer = _tokenize(tok, row["output"], max_len - len(prompt), add_special_tokens=False)["input_ids"] + [
-        tok.eos_token_id
-    ]
-    return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+    p = _tokenize(tok, prompt, max_len, add_special_tokens=True)["input_ids"]
+    a = _tokenize(tok, answer, max_len - len(p), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return p + a, (p if train_on == "all" else [IGNORE_INDEX] * len(p)) + a
 
 
-def _encode_chat(row: dict, tok: PreTrainedTokenizerBase, max_len: int) -> tuple[list[int], list[int]]:
-    msgs = row["messages"]
-    text = tok.apply_chat_template(msgs, tokenize=False)
-    enc = _tokenize(tok, text, max_len, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    labels = [IGNORE_INDEX] * len(ids)
-    for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
-            continue
-        start = len(tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)) if i else 0
-        end_text = tok.apply_chat_template(msgs[: i + 1], tokenize=False)
+def _encode_alpaca(row: dict, tok: PreTrainedTokenizerBase, max_len: int, train_on: str) -> tuple[list[int], list[int]]:
+    return _prompt_answer(tok, alpaca_prompt(row), row["output"], max_len, train_on)
+
+
+def _encode_completion(
+    row: dict, tok: PreTrainedTokenizerBase, max_len: int, train_on: str
+) -> tuple[list[int], list[int]]:
+    return _prompt_answer(tok, row["prompt"], row["completion"], max_len, train_on)
+
+
+def _encode_text(row: dict, tok: PreTrainedTokenizerBase, max_len: int, train_on: str) -> tuple[list[int], list[int]]:
+    ids = _tokenize(tok, row["text"], max_len, add_special_tokens=True)["input_ids"] + [tok.eos_token_id]
+    return ids, list(ids)
+
+
+NOT_PREFIX_CONSISTENT = (
+    "the tokenizer's chat template is not prefix-consistent: rendering the conversation up to an assistant "
+    "turn before the last is not the start of rendering it whole (templates such as Qwen3's render reasoning tags on the last "
+    "assistant turn only), so the earlier assistant turns cannot be located in it; set data.train_on=last_assistant "
+    "to learn the final turn only, or use a template that renders every turn the same way"
+)
+
+
+def chat_spans(row: dict, tok: PreTrainedTokenizerBase, train_on: str) -> tuple[str, list[tuple[int, int]]]:
+    """(the rendered conversation, the character spans learned from it). Each assistant turn is
+    located by rendering the conversation before it (with the generation prompt) and up to it,
+    both of which must be prefixes of the whole: ValueError, with the remedy, where they are not."""
+    msgs, tools = row["messages"], row.get("tools")
+    if train_on == "last_assistant":
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        msgs = msgs[: last + 1]  # what follows the last answer is never learned, nor needed
+    text = tok.apply_chat_template(msgs, tools=tools, tokenize=False)
+    if train_on == "all":
+        return text, [(0, len(text))]
+    turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    if train_on == "last_assistant":
+        turns = turns[-1:]
+    spans = []
+    for i in turns:
+        start = (
+            len(tok.apply_chat_template(msgs[:i], tools=tools, tokenize=False, add_generation_prompt=True)) if i else 0
+        )
+        end_text = text if i == len(msgs) - 1 else tok.apply_chat_template(msgs[: i + 1], tools=tools, tokenize=False)
         if not text.startswith(end_text) or start > len(end_text):
-            raise ValueError(
-                "the tokenizer's chat template is not prefix-consistent (rendering the first turns is not a "
-                "prefix of rendering the whole conversation), so assistant turns cannot be located"
-            )
+            raise ValueError(NOT_PREFIX_CONSISTENT)
+        spans.append((start, len(end_text)))
+    return text, spans
+
+
+def _span_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    labels = [IGNORE_INDEX] * len(ids)
+    for start, end in spans:
         for t, (a, _) in enumerate(offsets):
-            if start <= a < len(end_text):
+            if start <= a < end:
                 labels[t] = ids[t]
-    return ids, labels
+    return labels
 
 
-ENCODERS = {"alpaca": _encode_alpaca, "chat": _encode_chat}
+def _encode_chat(row: dict, tok: PreTrainedTokenizerBase, max_len: int, train_on: str) -> tuple[list[int], list[int]]:
+    text, spans = chat_spans(row, tok, train_on)
+    enc = _tokenize(tok, text, max_len, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], _span_labels(enc["input_ids"], enc["offset_mapping"], spans)
+
+
+ENCODERS = {"alpaca": _encode_alpaca, "chat": _encode_chat, "completion": _encode_completion, "text": _encode_text}
 
 
 def encode_row(
-    row: dict, fmt: str, tokenizer: PreTrainedTokenizerBase, max_seq_len: int
+    row: dict, fmt: str, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, train_on: str = "assistant"
 ) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one row, truncated to max_seq_len tokens."""
-    ids, labels = ENCODERS[fmt](row, tokenizer, max_seq_len)
+    """(input_ids, labels) of one canonical row, truncated to max_seq_len tokens."""
+    from orchestrator.data.formats import ENCODED_AS
+
+    ids, labels = ENCODERS[ENCODED_AS.get(fmt, fmt)](row, tokenizer, max_seq_len, train_on)
     return ids[:max_seq_len], labels[:max_seq_len]
 
 
 def encode_rows(
-    rows: list[dict], fmt: str, tokenizer: PreTrainedTokenizerBase, max_seq_len: int
+    rows: list[dict], fmt: str, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, train_on: str = "assistant"
 ) -> list[tuple[list[int], list[int]]]:
     """Tokenize and truncate every row. Rows whose response is cut away entirely are kept
     (they carry no loss) so that every worker sees the same number of rows."""
-    return [encode_row(row, fmt, tokenizer, max_seq_len) for row in rows]
+    return [encode_row(row, fmt, tokenizer, max_seq_len, train_on) for row in rows]
+
+
+def _fits(text: str, max_len: int) -> bool:
+    """Whether _tokenize would tokenize `text` whole, in one call."""
+    return len(text) <= CHARS_PER_TOKEN * (max(max_len, 0) + MARGIN_TOKENS)
+
+
+def encode_batch(
+    rows: list[dict], fmt: str, tok: PreTrainedTokenizerBase, max_len: int, train_on: str = "assistant"
+) -> list[tuple[list[int], list[int]] | BaseException]:
+    """encode_row of every row, with one batched tokenizer call per kind of text (the fast
+    tokenizer's Rust loop), the same tokens to the last: texts long enough to be cut first, and
+    rows that fail, go through encode_row alone. A row that cannot be encoded comes back as its
+    exception."""
+    from orchestrator.data.formats import ENCODED_AS
+
+    fmt = ENCODED_AS.get(fmt, fmt)
+    out: list = [None] * len(rows)
+    if fmt in ("alpaca", "completion"):
+        prompts = [alpaca_prompt(r) if fmt == "alpaca" else r["prompt"] for r in rows]
+        answers = [r["output" if fmt == "alpaca" else "completion"] for r in rows]
+        whole = [i for i, p in enumerate(prompts) if _fits(p, max_len)]
+        p_ids = dict(zip(whole, tok([prompts[i] for i in whole], add_special_tokens=True)["input_ids"]))
+        ready = [i for i in whole if _fits(answers[i], max_len - len(p_ids[i]))]
+        a_ids = tok([answers[i] for i in ready], add_special_tokens=False)["input_ids"] if ready else []
+        for i, a in zip(ready, a_ids):
+            p, a = p_ids[i], a + [tok.eos_token_id]
+            out[i] = ((p + a)[:max_len], ((p if train_on == "all" else [IGNORE_INDEX] * len(p)) + a)[:max_len])
+    elif fmt == "text":
+        whole = [i for i, r in enumerate(rows) if _fits(r["text"], max_len)]
+        for i, ids in zip(whole, tok([rows[i]["text"] for i in whole], add_special_tokens=True)["input_ids"]):
+            ids = (ids + [tok.eos_token_id])[:max_len]
+            out[i] = (ids, list(ids))
+    elif fmt == "chat":
+        rendered: dict[int, tuple[str, list]] = {}
+        for i, r in enumerate(rows):
+            try:
+                rendered[i] = chat_spans(r, tok, train_on)
+            except Exception as e:  # noqa: BLE001 - this row's own failure, reported with it
+                out[i] = e
+        whole = [i for i in rendered if _fits(rendered[i][0], max_len)]
+        if whole:
+            enc = tok([rendered[i][0] for i in whole], add_special_tokens=False, return_offsets_mapping=True)
+            for k, i in enumerate(whole):
+                ids = enc["input_ids"][k]
+                labels = _span_labels(ids, enc["offset_mapping"][k], rendered[i][1])
+                out[i] = (ids[:max_len], labels[:max_len])
+    for i, r in enumerate(rows):
+        if out[i] is None:
+            try:
+                out[i] = encode_row(r, fmt, tok, max_len, train_on)
+            except Exception as e:  # noqa: BLE001 - reported with the row
+                out[i] = e
+    return out
 
 
 def row_targets(labels: list[int]) -> int:
@@ -99,8 +197,11 @@ def row_targets(labels: list[int]) -> int:
     return sum(1 for t in labels[1:] if t != IGNORE_INDEX)
 
 
-def target_tokens(examples: list[tuple[list[int], list[int]]], indices: Iterable[int]) -> int:
-    """Loss tokens of these examples. The model shifts labels by one: position 0 is never a target."""
+def target_tokens(examples: Any, indices: Iterable[int]) -> int:
+    """Loss tokens of these examples (a list of (ids, labels), or rows of the tokenized cache, which
+    counts them without reading tokens). The model shifts labels by one: position 0 is never a target."""
+    if hasattr(examples, "target_tokens"):
+        return examples.target_tokens(indices)
     return sum(row_targets(examples[i][1]) for i in indices)
 
 
