@@ -56,9 +56,9 @@ ACTIVATION_COEFFS = {
 # Calibrated terms (see README "Memory planner" for the runs they come from and `--probe` to refit
 # them on your machine).
 CALIBRATION: dict[str, float] = {
-    # A CPU worker when its setup begins: Python, torch and the Ray Train worker. It varies from
-    # ~390 to ~490 MiB on one machine with what Ray ran in the process before (Ray reuses idle
-    # worker processes for actors); the workers log it as start_memory_bytes.
+    # A CPU worker when its setup begins: Python, torch and the Ray Train worker. Measured from
+    # ~390 to ~490 MiB between runs of one tree on one machine (likely what Ray ran in that
+    # process before); the workers log it as start_memory_bytes.
     "cpu_worker_bytes": 400 * MiB,
     # What setup adds before the base: transformers, PEFT, bitsandbytes, the tokenizer and the data.
     "cpu_libraries_bytes": 200 * MiB,
