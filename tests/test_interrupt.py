@@ -258,7 +258,9 @@ def test_interrupted_four_ways_and_raced_resumes_end_with_the_uninterrupted_adap
     # No output_dir: Hydra's fresh timestamped directory, which the resume command must name.
     log = tmp_path / "run-0.log"
     proc = start(tmp_path, log)
-    out = wait_for_steps(lambda: next((p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()), None), proc, log)
+    # Hydra's outputs/<date>/<time>; the data cache beside it (outputs/<date>/.data-cache) is not it.
+    runs = lambda: next((p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir() and p.name[0] != "."), None)  # noqa: E731
+    out = wait_for_steps(runs, proc, log)
     stopped, words = 0, []
     for i, (signum, to_group) in enumerate(STOPS):
         if i:
