@@ -131,11 +131,12 @@ def resolve_files(spec: SourceSpec) -> list[DataFile]:
 
 
 def _hub_snapshot(repo_id: str) -> Path:
-    """The local snapshot of a hub dataset (downloaded unless offline), or DataError."""
+    """The local snapshot of a hub dataset, or DataError. Never downloaded: every worker resolves
+    the name again, and N workers fetching one dataset at start-up is no place for a download."""
     from huggingface_hub import constants, snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, repo_type="dataset"))
+        return Path(snapshot_download(repo_id, repo_type="dataset", local_files_only=True))
     except Exception as e:  # noqa: BLE001 - not cached (offline), unknown, or no network: said as such
         offline = " and HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else ""
         raise DataError(
