@@ -137,7 +137,7 @@ def _hub_snapshot(repo_id: str) -> Path:
 
     try:
         return Path(snapshot_download(repo_id, repo_type="dataset", local_files_only=True))
-    except Exception as e:  # noqa: BLE001 - not cached (offline), unknown, or no network: said as such
+    except Exception as e:  # noqa: BLE001 - not in the cache, or an unknown name: said as such
         offline = " and HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else ""
         raise DataError(
             [
