@@ -20,6 +20,7 @@ from pathlib import Path
 from types import ModuleType
 
 from orchestrator.config.schema import RunConfig
+from orchestrator.rundir import orchestrator_home
 
 SUCCEEDED = ("SUCCEEDED", "COMPLETED")  # Ray's and Slurm's word for a job that finished well
 
@@ -29,8 +30,7 @@ class SubmitError(RuntimeError):
 
 
 def jobs_dir() -> Path:
-    home = os.environ.get("ORCHESTRATOR_HOME")
-    return (Path(home) if home else Path.home() / ".cache" / "orchestrator") / "jobs"
+    return orchestrator_home() / "jobs"
 
 
 def record_job(job_id: str, kind: str, **info) -> dict:

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from orchestrator.rundir import orchestrator_home
+
 if TYPE_CHECKING:  # transformers is imported lazily: importing this module must stay cheap
     from transformers import PreTrainedTokenizerFast
 
@@ -50,7 +52,7 @@ CHAT_TEMPLATE = (
 
 def demo_dir() -> Path:
     env = os.environ.get("ORCHESTRATOR_DEMO_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "orchestrator" / "demo"
+    return Path(env) if env else orchestrator_home() / "demo"
 
 
 def build_tokenizer(out_dir: Path, texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:

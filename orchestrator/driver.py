@@ -29,6 +29,7 @@ RESUMABLE_CHANGES = (
     "storage_path",
     "resume",
     "name",
+    "data.cache_dir",
     "cluster.",
     "tracking.",
     "trainer.micro_batch_size",

@@ -13,7 +13,10 @@
 
     <data cache root>/<key>/   the tokenized data (orchestrator/data/cache.py), shared by runs:
                                data.cache_dir, else <storage_path>/.data-cache on a cluster, else
-                               .data-cache beside output_dir (a sweep's runs and a resumed run share it)
+                               <orchestrator home>/data (every local run, sweep, resume and day shares it)
+
+    <orchestrator home>/       $ORCHESTRATOR_HOME, else ~/.cache/orchestrator: the job index (jobs/),
+                               the local data cache (data/) and the demo's assets (demo/)
 
 The Slurm batch script reaches the stop request through `python -m orchestrator.rundir`, so the
 file name and the incarnation formula live here only. Only the standard library is imported at
@@ -159,14 +162,22 @@ class RunDir:
 DATA_CACHE = ".data-cache"
 
 
-def data_cache_root(output_dir: str, storage_path: str | None = None, cache_dir: str | None = None) -> Path:
-    """Where tokenized data is cached: beside the run rather than in it, so every run of a sweep,
-    a resumed run and a requeued job find it (see the layout above)."""
+def orchestrator_home() -> Path:
+    """The user's own files that outlive any one run (see the layout above)."""
+    home = os.environ.get("ORCHESTRATOR_HOME")
+    return Path(home).absolute() if home else Path.home() / ".cache" / "orchestrator"
+
+
+def data_cache_root(storage_path: str | None = None, cache_dir: str | None = None) -> Path:
+    """Where tokenized data is cached: outside any one run, keyed by its fingerprint, so every run
+    of a sweep, a resumed run, a requeued job and tomorrow's run find it (see the layout above).
+    On a cluster it lives in storage_path, which every node mounts; a local run uses the user's
+    cache rather than Hydra's dated output directory, which changes every day."""
     if cache_dir:
         return Path(cache_dir).absolute()
     if storage_path:
         return Path(storage_path).absolute() / DATA_CACHE
-    return Path(output_dir).absolute().parent / DATA_CACHE
+    return orchestrator_home() / "data"
 
 
 def incarnation() -> str:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +20,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray Train's controller looks at its workers every 2 s by default, so each run ends up to 2 s after
 # its workers did; the suite trains dozens of runs.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# The job index and the local data cache: the suite's own, not the user's ~/.cache/orchestrator.
+os.environ["ORCHESTRATOR_HOME"] = tempfile.mkdtemp(prefix="orchestrator-home-")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -130,8 +130,8 @@ def test_options_hold_only_what_they_change(group, option, tmp_path):
     assert {k: composed[k] for k in left} == {k: default[k] for k in left}
 
 
-# None in the schema, a number once composed (compose.resolve): what the run will really use.
-RESOLVED = ["cluster.cpus_per_worker"]
+# None in the schema, a value once composed (compose.resolve): what the run will really use.
+RESOLVED = ["cluster.cpus_per_worker", "data.cache_dir"]
 
 
 def test_cpus_per_worker_defaults_to_the_machines_cores_on_a_local_run(tmp_path):

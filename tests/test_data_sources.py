@@ -45,8 +45,14 @@ def _problems(run) -> list[str]:
     return e.value.problems
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """A data cache of each test's own, so a test sees only the caches it made."""
+    monkeypatch.setenv("ORCHESTRATOR_HOME", str(tmp_path / "home"))
+
+
 def _cache_dirs(tmp_path: Path) -> list[Path]:
-    root = tmp_path / ".data-cache"
+    root = tmp_path / "home" / "data"
     return sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.exists() else []
 
 
@@ -278,6 +284,10 @@ def test_the_cache_key_follows_every_input_and_a_torn_cache_is_rebuilt(alpaca, d
     (first,) = _cache_dirs(tmp_path)
     stamp = first.stat().st_mtime_ns
     validate(_run(tmp_path, *base, "trainer.lr=0.1", "data.eval_fraction=0.2"))  # same inputs: reused
+    # ... by a run in another of Hydra's dated directories too (tomorrow's run, another sweep)
+    validate(
+        compose(["experiment=demo", "tracking=none", f"output_dir={tmp_path / 'outputs/2027-01-01/10-00-00'}", *base])
+    )
     assert _cache_dirs(tmp_path) == [first] and first.stat().st_mtime_ns == stamp
     model = Path(shutil.copytree(demo_model, tmp_path / "model"))
     (model / "chat_template.jinja").write_text((model / "chat_template.jinja").read_text() + " ")

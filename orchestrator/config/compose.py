@@ -271,6 +271,11 @@ def resolve(cfg: DictConfig) -> RunConfig:
     if run.storage_path and run.name:
         # The run's identity is its name under shared storage: the same name continues that run.
         run.output_dir = run.storage_run_dir()
+    if run.data.cache_dir is None:
+        # Resolved here, once: workers on other machines or with another environment use this one.
+        from orchestrator.rundir import data_cache_root
+
+        run.data.cache_dir = str(data_cache_root(run.storage_path))
     c = run.cluster
     if c.cpus_per_worker is None:
         local = c.kind == "local" and not c.address

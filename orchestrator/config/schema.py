@@ -168,7 +168,8 @@ class DataConfig:
     data, naming the first 20 and counting the rest; skip leaves such rows out and says how many."""
     cache_dir: str | None = None
     """Where the tokenized data is cached (see rundir.data_cache_root); None: <storage_path>/.data-cache
-    on a cluster, else .data-cache beside output_dir, so a sweep's runs, resumes and requeues share it."""
+    on a cluster, else $ORCHESTRATOR_HOME/data (~/.cache/orchestrator/data), so sweeps, resumes,
+    requeues and later runs share it."""
     num_proc: int | None = None
     """Processes that tokenize on the driver; None: the machine's cores, at most 8."""
 

@@ -73,7 +73,7 @@ def encoding(run: RunConfig, tokenizer: Any) -> Encoding:
 def cache_root(run: RunConfig) -> Path:
     from orchestrator.rundir import data_cache_root
 
-    return data_cache_root(run.output_dir, run.storage_path, run.data.cache_dir)
+    return data_cache_root(run.storage_path, run.data.cache_dir)
 
 
 @dataclass
