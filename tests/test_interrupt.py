@@ -22,7 +22,7 @@ import pytest
 from conftest import assert_same_adapter, read_metrics, start_train, train
 
 from orchestrator.interrupt import Interrupted, StopSignals, interrupted_message
-from orchestrator.rundir import DATA_CACHE, INTERRUPT, MARKER, PREEMPTION, RunDir, incarnation
+from orchestrator.rundir import INTERRUPT, MARKER, PREEMPTION, RunDir, incarnation
 
 # --- the pieces, without training ---------------------------------------------------------------
 
@@ -259,8 +259,8 @@ def test_interrupted_four_ways_and_raced_resumes_end_with_the_uninterrupted_adap
     log = tmp_path / "run-0.log"
     proc = start(tmp_path, log)
 
-    def hydra_dir() -> Path | None:  # outputs/<date>/<time>, not the data cache beside it
-        return next((p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir() and p.name != DATA_CACHE), None)
+    def hydra_dir() -> Path | None:  # outputs/<date>/<time>
+        return next((p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir() and not p.name.startswith(".")), None)
 
     out = wait_for_steps(hydra_dir, proc, log)
     stopped, words = 0, []
