@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
+from workers import peak_worker_uss
 
 HERE = Path(__file__).resolve().parent
 
@@ -68,22 +68,15 @@ def run(data: Path, out: Path, home: Path) -> dict:
     cmd = [sys.executable, "-m", "orchestrator", "train", *COMMAND, f"data.path={data}", f"output_dir={out}"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    me, peaks, first = psutil.Process(proc.pid), {}, None
+    first = None
     metrics = out / "metrics.jsonl"
-    while proc.poll() is None:
+
+    def tick() -> None:
+        nonlocal first
         if first is None and metrics.is_file() and metrics.stat().st_size:
             first = time.perf_counter() - t0
-        try:
-            kids = me.children(recursive=True)
-        except psutil.Error:
-            break
-        for p in kids:
-            try:
-                if "RayTrainWorker" in " ".join(p.cmdline()):
-                    peaks[p.pid] = max(peaks.get(p.pid, 0), p.memory_full_info().uss)
-            except psutil.Error:
-                pass
-        time.sleep(0.05)
+
+    peaks = peak_worker_uss(proc, tick)
     log = proc.stdout.read()
     if proc.wait() != 0:
         raise RuntimeError(f"{cmd} failed:\n{log[-3000:]}")

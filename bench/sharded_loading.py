@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
+from workers import peak_worker_uss
 
 HERE = Path(__file__).resolve().parent
 CHEAP = [
@@ -67,19 +67,7 @@ def peak_uss(repo: Path, out: Path, overrides: list[str]) -> dict:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    me, peaks = psutil.Process(proc.pid), {}
-    while proc.poll() is None:
-        try:
-            kids = me.children(recursive=True)
-        except psutil.Error:
-            break
-        for p in kids:
-            try:
-                if "RayTrainWorker" in " ".join(p.cmdline()):
-                    peaks[p.pid] = max(peaks.get(p.pid, 0), p.memory_full_info().uss)
-            except psutil.Error:
-                pass
-        time.sleep(0.05)
+    peaks = peak_worker_uss(proc)
     log = proc.stdout.read()
     if proc.wait() != 0:
         raise RuntimeError(f"{overrides} failed:\n{log[-3000:]}")
