@@ -131,7 +131,7 @@ def tokenize_datasets_map(data: Path) -> dict:
             for i, x, o in zip(batch["instruction"], batch["input"], batch["output"])
         ]
         ids = tok.apply_chat_template(chats, tokenize=True, truncation=True, max_length=MAX_SEQ_LEN)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # a BatchEncoding, or a plain list
         return {"input_ids": ids, "n": [len(x) for x in ids]}
 
     t = time.perf_counter()

@@ -35,8 +35,8 @@ def tok(demo_model):
     return load_tokenizer(ModelConfig(path=str(demo_model)))
 
 
-def _run(tmp_path: Path, *overrides: str):
-    return compose(["experiment=demo", "tracking=none", f"output_dir={tmp_path / 'out'}", *overrides])
+def _run(tmp_path: Path, *overrides: str, out: str = "out"):
+    return compose(["experiment=demo", "tracking=none", f"output_dir={tmp_path / out}", *overrides])
 
 
 def _problems(run) -> list[str]:
@@ -285,9 +285,7 @@ def test_the_cache_key_follows_every_input_and_a_torn_cache_is_rebuilt(alpaca, d
     stamp = first.stat().st_mtime_ns
     validate(_run(tmp_path, *base, "trainer.lr=0.1", "data.eval_fraction=0.2"))  # same inputs: reused
     # ... by a run in another of Hydra's dated directories too (tomorrow's run, another sweep)
-    validate(
-        compose(["experiment=demo", "tracking=none", f"output_dir={tmp_path / 'outputs/2027-01-01/10-00-00'}", *base])
-    )
+    validate(_run(tmp_path, *base, out="outputs/2027-01-01/10-00-00"))
     assert _cache_dirs(tmp_path) == [first] and first.stat().st_mtime_ns == stamp
     model = Path(shutil.copytree(demo_model, tmp_path / "model"))
     (model / "chat_template.jinja").write_text((model / "chat_template.jinja").read_text() + " ")

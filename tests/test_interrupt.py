@@ -260,7 +260,7 @@ def test_interrupted_four_ways_and_raced_resumes_end_with_the_uninterrupted_adap
     proc = start(tmp_path, log)
 
     def hydra_dir() -> Path | None:  # outputs/<date>/<time>
-        return next((p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir() and not p.name.startswith(".")), None)
+        return next((p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()), None)
 
     out = wait_for_steps(hydra_dir, proc, log)
     stopped, words = 0, []
