@@ -172,6 +172,36 @@ def is_whole(directory: Path) -> bool:
 
 # --- building -----------------------------------------------------------------------------------
 
+
+@dataclass
+class Encoded:
+    """One chunk of rows encoded, as arrays: the tokens and loss mask of its rows that encoded,
+    end to end, with their lengths and target counts, and why each other row failed (by its
+    position in the chunk). Arrays, so that a pool process hands them back in one pickle and
+    nothing per token runs in Python on the driver."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    lengths: np.ndarray
+    targets: np.ndarray
+    failed: dict[int, str]
+
+
+def encode_chunk(rows: list[dict], fmt: str, tok: Any, max_len: int, train_on: str) -> Encoded:
+    results = encode_batch(rows, fmt, tok, max_len, train_on)
+    failed = {i: _message(r) for i, r in enumerate(results) if isinstance(r, BaseException)}
+    good = [r for r in results if not isinstance(r, BaseException)]
+    lengths = np.fromiter((len(ids) for ids, _ in good), np.int64, len(good))
+    total = int(lengths.sum())
+    ids = np.fromiter(itertools.chain.from_iterable(i for i, _ in good), np.int32, total)
+    mask = np.fromiter(itertools.chain.from_iterable(lab for _, lab in good), np.int64, total) != IGNORE_INDEX
+    starts = np.cumsum(lengths) - lengths
+    shifted = mask.copy()
+    shifted[starts[lengths > 0]] = False  # position 0 is never a target (labels are shifted)
+    targets = np.bincount(np.repeat(np.arange(len(good)), lengths), shifted, minlength=len(good)).astype(np.int32)
+    return Encoded(ids, mask.astype(np.uint8), lengths, targets, failed)
+
+
 _POOL_STATE: dict[str, Any] = {}
 
 
@@ -181,19 +211,15 @@ def _pool_init(model: Any, fmt: str, max_len: int, train_on: str) -> None:
     _POOL_STATE.update(tok=load_tokenizer(model), fmt=fmt, max_len=max_len, train_on=train_on)
 
 
-def _pool_encode(rows: list[dict]) -> list:
+def _pool_encode(rows: list[dict]) -> Encoded:
     s = _POOL_STATE
-    return _portable(encode_batch(rows, s["fmt"], s["tok"], s["max_len"], s["train_on"]))
+    return encode_chunk(rows, s["fmt"], s["tok"], s["max_len"], s["train_on"])
 
 
-def _portable(results: list) -> list:
+def _message(e: BaseException) -> str:
     # An exception travels between processes as its message (some do not pickle).
-    return [
-        f"{type(r).__name__}: {str(r).strip().splitlines()[0] if str(r).strip() else ''}".rstrip(": ")
-        if isinstance(r, BaseException)
-        else r
-        for r in results
-    ]
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
 def _chunks(rows: Iterator[tuple[Where, dict]]) -> Iterator[tuple[list[Where], list[dict]]]:
@@ -265,32 +291,24 @@ def build(
 
             encoded = ((wheres_q.pop(0), res) for res in pool.imap(_pool_encode, rows_only()))
         else:
-            encoded = ((w, _portable(encode_batch(r, spec.format, tokenizer, max_len, train_on))) for w, r in chunks)
+            encoded = ((w, encode_chunk(r, spec.format, tokenizer, max_len, train_on)) for w, r in chunks)
         with open(tmp / "tokens.bin", "wb") as ft, open(tmp / "mask.bin", "wb") as fm:
-            for wheres, results in encoded:
-                ids_chunk, mask_chunk = [], []
-                for where, res in zip(wheres, results):
-                    if isinstance(res, str):
-                        report.failed_count[res] = report.failed_count.get(res, 0) + 1
-                        if len(report.failed.setdefault(res, [])) < 1 + SHOWN:
-                            report.failed[res].append(str(where))
-                        continue
-                    ids, labels = res
-                    mask = [t != IGNORE_INDEX for t in labels]
-                    n_target = sum(mask[1:])
-                    if not n_target:
-                        report.targetless += 1
-                        if len(report.targetless_first) < SHOWN:
-                            report.targetless_first.append(str(where))
-                    ids_chunk.append(ids)
-                    mask_chunk.append(mask)
-                    lengths.append(len(ids))
-                    targets.append(n_target)
-                    file_ids.append(file_index[where.file])
-                    lines.append(where.line)
-                if ids_chunk:
-                    np.fromiter(itertools.chain.from_iterable(ids_chunk), np.int32).tofile(ft)
-                    np.fromiter(itertools.chain.from_iterable(mask_chunk), np.uint8).tofile(fm)
+            for wheres, enc in encoded:
+                for i, why in enc.failed.items():
+                    report.failed_count[why] = report.failed_count.get(why, 0) + 1
+                    if len(report.failed.setdefault(why, [])) < 1 + SHOWN:
+                        report.failed[why].append(str(wheres[i]))
+                kept = [w for i, w in enumerate(wheres) if i not in enc.failed] if enc.failed else wheres
+                for k in np.flatnonzero(enc.targets == 0).tolist():
+                    report.targetless += 1
+                    if len(report.targetless_first) < SHOWN:
+                        report.targetless_first.append(str(kept[k]))
+                enc.ids.tofile(ft)
+                enc.mask.tofile(fm)
+                lengths.append(enc.lengths)
+                targets.append(enc.targets)
+                file_ids.append(np.fromiter((file_index[w.file] for w in kept), np.uint16, len(kept)))
+                lines.append(np.fromiter((w.line for w in kept), np.int64, len(kept)))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -298,16 +316,20 @@ def build(
         bar.close()
         if pool is not None:
             pool.terminate()
+    lengths, targets, file_ids, lines = (
+        np.concatenate(parts) if parts else np.zeros(0, dtype)
+        for parts, dtype in ((lengths, np.int64), (targets, np.int32), (file_ids, np.uint16), (lines, np.int64))
+    )
     report.rows, report.bad, report.bad_first = len(lengths), bad.count, bad.first
-    report.tokens = int(sum(lengths))
+    report.tokens = int(lengths.sum())
     usable = report.rows > report.targetless and (skip_bad or not (report.bad or report.failed))
     if not commit or not usable:
         shutil.rmtree(tmp, ignore_errors=True)
         return report, None
-    np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64).tofile(tmp / "offsets.bin")
-    np.asarray(targets, np.int32).tofile(tmp / "targets.bin")
-    np.asarray(file_ids, np.uint16).tofile(tmp / "file.bin")
-    np.asarray(lines, np.int64).tofile(tmp / "line.bin")
+    np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64).tofile(tmp / "offsets.bin")
+    targets.tofile(tmp / "targets.bin")
+    file_ids.tofile(tmp / "file.bin")
+    lines.tofile(tmp / "line.bin")
     meta = {
         "version": CACHE_VERSION,
         "source": asdict(spec),

@@ -143,6 +143,16 @@ def _fits(text: str, max_len: int) -> bool:
     return len(text) <= CHARS_PER_TOKEN * (max(max_len, 0) + MARGIN_TOKENS)
 
 
+def _batch_ids(tok: PreTrainedTokenizerBase, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """tok(texts)["input_ids"]. A fast tokenizer's Rust backend is called directly when nothing in
+    it truncates or pads (transformers' own call switches both off): the same ids, without
+    transformers building a dict per row (a sixth of the cache build's time)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return tok(texts, add_special_tokens=add_special_tokens)["input_ids"]
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+
 def encode_batch(
     rows: list[dict], fmt: str, tok: PreTrainedTokenizerBase, max_len: int, train_on: str = "assistant"
 ) -> list[tuple[list[int], list[int]] | BaseException]:
@@ -158,15 +168,15 @@ def encode_batch(
         prompts = [alpaca_prompt(r) if fmt == "alpaca" else r["prompt"] for r in rows]
         answers = [r["output" if fmt == "alpaca" else "completion"] for r in rows]
         whole = [i for i, p in enumerate(prompts) if _fits(p, max_len)]
-        p_ids = dict(zip(whole, tok([prompts[i] for i in whole], add_special_tokens=True)["input_ids"]))
+        p_ids = dict(zip(whole, _batch_ids(tok, [prompts[i] for i in whole], True)))
         ready = [i for i in whole if _fits(answers[i], max_len - len(p_ids[i]))]
-        a_ids = tok([answers[i] for i in ready], add_special_tokens=False)["input_ids"] if ready else []
+        a_ids = _batch_ids(tok, [answers[i] for i in ready], False) if ready else []
         for i, a in zip(ready, a_ids):
             p, a = p_ids[i], a + [tok.eos_token_id]
             out[i] = ((p + a)[:max_len], ((p if train_on == "all" else [IGNORE_INDEX] * len(p)) + a)[:max_len])
     elif fmt == "text":
         whole = [i for i, r in enumerate(rows) if _fits(r["text"], max_len)]
-        for i, ids in zip(whole, tok([rows[i]["text"] for i in whole], add_special_tokens=True)["input_ids"]):
+        for i, ids in zip(whole, _batch_ids(tok, [rows[i]["text"] for i in whole], True)):
             ids = (ids + [tok.eos_token_id])[:max_len]
             out[i] = (ids, list(ids))
     elif fmt == "chat":
