@@ -103,7 +103,13 @@ def head_cross_entropy(
 
 def full_loss(model: nn.Module, batch: dict[str, torch.Tensor], num_items: int) -> torch.Tensor:
     """transformers' own loss: full logits, normalised by the step's target tokens."""
-    return model(**batch, num_items_in_batch=max(num_items, 1)).loss
+    return model(**batch, num_items_in_batch=max(num_items, 1), use_cache=False).loss
+
+
+def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's inputs: input_ids with attention_mask (padded rows) or position_ids (packed rows).
+    The losses pass use_cache=False too: with a KV cache, transformers ignores packing."""
+    return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def build_loss(model: nn.Module, chunk_tokens: int) -> LossFn:
@@ -123,6 +129,6 @@ def build_loss(model: nn.Module, chunk_tokens: int) -> LossFn:
 
     def chunked_loss(model: nn.Module, batch: dict[str, torch.Tensor], num_items: int) -> torch.Tensor:
         with head.targets(batch["labels"], num_items):
-            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return model(**_inputs(batch), use_cache=False).logits
 
     return chunked_loss

@@ -22,6 +22,7 @@ from orchestrator.config.schema import RunConfig
 from orchestrator.config.typed import to_typed
 from orchestrator.data import GlobalBatchSampler, collate, target_tokens
 from orchestrator.data.dataset import TokenizedRows, open_data
+from orchestrator.data.packing import PackedRows
 from orchestrator.distributed import Dist, current_memory_bytes, peak_memory_bytes, reset_peak_memory
 from orchestrator.flops import FlopCounter, peak_flops
 from orchestrator.loss import LossFn, build_loss
@@ -33,8 +34,6 @@ from orchestrator.tracking import NullTracker, Tracker
 from orchestrator.train_state import Checkpointer
 
 log = logging.getLogger("orchestrator")
-
-Example = tuple[list[int], list[int]]
 
 
 class TrainingDiverged(RuntimeError):
@@ -48,7 +47,7 @@ class Job:
     run: RunConfig
     d: Dist
     pad_id: int
-    train: TokenizedRows
+    train: TokenizedRows | PackedRows
     evals: TokenizedRows
     sampler: GlobalBatchSampler
     strategy: Strategy
@@ -107,8 +106,10 @@ def setup(run: RunConfig) -> Job:
     model, optimizer = strategy.prepare(peft_model, lambda ps: build_optimizer(ps, run.optim, run.trainer.lr))
     model.train()
 
+    t = run.trainer
+    grouped = run.data.group_by_length and isinstance(train, TokenizedRows)  # packed rows need none
     sampler = GlobalBatchSampler(
-        len(train), run.trainer.micro_batch_size, run.trainer.grad_accum, d.world, d.rank, run.trainer.seed
+        len(train), t.micro_batch_size, t.grad_accum, d.world, d.rank, t.seed, train.lengths() if grouped else None
     )
     steps = total_steps(run, sampler)
     scheduler = build_scheduler(optimizer, run.optim, steps)
@@ -135,7 +136,9 @@ def setup(run: RunConfig) -> Job:
         steps,
         sampler.global_batch,
     )
-    tracker.summary({"trainable_params": n_trainable, "total_params": n_total, "param_bytes_per_worker": frozen_bytes})
+    tracker.summary(
+        {"trainable_params": n_trainable, "total_params": n_total, "param_bytes_per_worker": frozen_bytes, **memory}
+    )
     if d.is_main:
         log.info("MFU against %.1f TFLOP/s per worker (%s)", peak / 1e12, peak_source)
     # Names only: says whether the submitting shell's credentials reached the workers.
@@ -174,10 +177,11 @@ def run_steps(job: Job) -> bool:
         t0 = time.perf_counter()
         global_rows = job.sampler.all_step_indices(step)
         n_target = target_tokens(job.train, global_rows)
-        lengths = [job.train.length(i) for i in global_rows]
+        lengths = [n for i in global_rows for n in job.train.example_lengths(i)]
         loss = torch.zeros((), device=d.device)
         for micro in job.sampler.step_indices(step):
-            micro_loss = job.loss(job.model, _batch([job.train[i] for i in micro], job.pad_id, d), n_target)
+            batch = _to(d, job.train.collate([job.train[i] for i in micro], job.pad_id))
+            micro_loss = job.loss(job.model, batch, n_target)
             job.strategy.backward(micro_loss)
             loss += micro_loss.detach().float()
         grad_norm = float(job.strategy.optimizer_step(job.optimizer, run.optim.max_grad_norm))
@@ -262,8 +266,8 @@ def total_steps(run: RunConfig, sampler: GlobalBatchSampler) -> int:
     return run.trainer.max_steps if run.trainer.max_steps > 0 else run.trainer.epochs * sampler.steps_per_epoch
 
 
-def _batch(examples: list[Example], pad_id: int, d: Dist) -> dict[str, torch.Tensor]:
-    return {k: v.to(d.device) for k, v in collate(examples, pad_id).items()}
+def _to(d: Dist, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.to(d.device) for k, v in batch.items()}
 
 
 def check_step(step: int, loss: float, grad_norm: float, n_target: int | None = None) -> None:
@@ -305,7 +309,7 @@ def evaluate(job: Job) -> dict[str, float]:
             weight = 1.0 if chunk else 0.0
             rows = chunk or examples[:1]  # a stand-in batch keeps this worker in the collectives
             n = target_tokens(rows, range(len(rows)))
-            loss_sum += weight * job.loss(model, _batch(rows, job.pad_id, d), n).double().cpu() * max(n, 1)
+            loss_sum += weight * job.loss(model, _to(d, collate(rows, job.pad_id)), n).double().cpu() * max(n, 1)
             tokens += weight * n
     model.train()
     loss_sum, tokens = d.all_reduce(loss_sum), d.all_reduce(tokens)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -322,7 +323,8 @@ def test_workers_read_the_split_and_the_mixture_from_the_cache(alpaca, tok, tmp_
     a, b = tmp_path / "a.parquet", tmp_path / "b.jsonl"
     pq.write_table(pa.Table.from_pylist(alpaca[:100]), a)
     b.write_text("".join(json.dumps(r) + "\n" for r in alpaca[100:200]))
-    run = validate(_run(tmp_path, f"data.path={a}", "data.eval_fraction=0.1"))
+    # Unpacked, so that a train row is a row of the data (packing is tests/test_packing.py's).
+    run = validate(_run(tmp_path, f"data.path={a}", "data.eval_fraction=0.1", "data.packing=false"))
     train, evals = open_data(run, tok)
     rows_train, rows_eval = split_rows(a, "alpaca", None, 0.1, run.trainer.seed)
     assert [train[i] for i in range(len(train))] == encode_rows(rows_train, "alpaca", tok, run.data.max_seq_len)
@@ -333,6 +335,7 @@ def test_workers_read_the_split_and_the_mixture_from_the_cache(alpaca, tok, tmp_
             "data.path=null",
             f"data.mix=[{{path: {a}, weight: 2}}, {{path: {b}, weight: 0.5}}]",
             "data.eval_fraction=0",
+            "data.packing=false",
         )
     )
     train, evals = open_data(mix, tok)
@@ -378,11 +381,25 @@ def test_thousands_of_bad_rows_list_twenty_and_count_or_are_skipped(alpaca, tmp_
 def test_too_few_rows_for_a_global_batch_counts_the_mixture(alpaca, tmp_path):
     a = tmp_path / "a.jsonl"
     a.write_text("".join(json.dumps(r) + "\n" for r in alpaca[:5]))
-    (problem,) = _problems(
-        _run(tmp_path, "data.path=null", f"data.mix=[{{path: {a}, weight: 1.2}}]", "data.eval_fraction=0")
-    )
+    mix = ["data.path=null", f"data.mix=[{{path: {a}, weight: 1.2}}]", "data.eval_fraction=0"]
+    (problem,) = _problems(_run(tmp_path, *mix, "data.packing=false"))
     assert problem.startswith("data.mix: 6 training rows are fewer than one global batch of 8")
-    validate(_run(tmp_path, "data.path=null", f"data.mix=[{{path: {a}, weight: 2}}]", "data.eval_fraction=0"))
+    # Packed (the default for a Llama), rows hold several examples: the batch check counts packed rows.
+    many = tmp_path / "many.jsonl"
+    many.write_text("".join(json.dumps(r) + "\n" for r in alpaca[:40]))
+    (problem,) = _problems(_run(tmp_path, f"data.path={many}", "data.eval_fraction=0", "data.max_seq_len=512"))
+    assert re.match(r"data.path: [1-7] packed rows are fewer than one global batch of 8", problem), problem
+    validate(_run(tmp_path, f"data.path={many}", "data.eval_fraction=0", "data.max_seq_len=512", "data.packing=false"))
+    validate(_run(tmp_path, f"data.path={many}", "data.eval_fraction=0", "data.max_seq_len=64"))
+    validate(
+        _run(
+            tmp_path,
+            "data.path=null",
+            f"data.mix=[{{path: {a}, weight: 2}}]",
+            "data.eval_fraction=0",
+            "data.packing=false",
+        )
+    )
 
 
 def test_data_config_is_checked(tmp_path):
@@ -415,7 +432,7 @@ def test_offline_hub_names_through_the_cli_environment(alpaca, demo_model, tmp_p
     code = (
         "from orchestrator.config import compose, validate\n"
         f"run = validate(compose(['experiment=demo', 'tracking=none', 'output_dir={tmp_path / 'out'}', "
-        "'model.path=acme/tiny', 'data.path=acme/instruct']))\n"
+        "'model.path=acme/tiny', 'data.path=acme/instruct', 'data.packing=false']))\n"
         "from orchestrator.data.dataset import open_data\nfrom orchestrator.model import load_tokenizer\n"
         "print(len(open_data(run, load_tokenizer(run.model))[0]))\n"
     )
@@ -423,3 +440,83 @@ def test_offline_hub_names_through_the_cli_environment(alpaca, demo_model, tmp_p
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "38"  # 40 rows less the demo's 5% eval share
+
+
+# --- tokenize once, fast -------------------------------------------------------------------------
+
+
+def _long_rows(path: Path, n: int, words: int) -> int:
+    """n alpaca rows whose outputs are `words` words long; returns the file's bytes."""
+    vocab = "ship leaf door star bird moon tree rock fish lamp road cup king song rain".split()
+    with path.open("w") as f:
+        for i in range(n):
+            out = " ".join(vocab[(i * 7 + k) % len(vocab)] for k in range(words))
+            f.write(json.dumps({"instruction": f"Say it ({i}).", "input": "", "output": out}) + "\n")
+    return path.stat().st_size
+
+
+def _bytes_read() -> int:
+    """What this process has read through read() calls so far (/proc/self/io's rchar)."""
+    return int(next(x for x in Path("/proc/self/io").read_text().splitlines() if x.startswith("rchar:")).split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs /proc/self/io")
+def test_validation_reads_the_data_once_and_a_warm_cache_not_at_all(demo_root, tmp_path):
+    data = tmp_path / "long.jsonl"
+    size = _long_rows(data, 1500, 2000)  # ~15 MB: far more than anything else validation reads
+    run = _run(tmp_path, f"data.path={data}", "data.max_seq_len=64", "data.num_proc=1")
+    before = _bytes_read()
+    validate(run)
+    cold = _bytes_read() - before
+    assert size <= cold < 1.4 * size, f"validation read {cold / size:.2f}x the data's {size} bytes"
+    before = _bytes_read()
+    validate(run)
+    warm = _bytes_read() - before
+    assert warm < 0.25 * size, f"with the cache built, validation still read {warm / size:.2f}x the data"
+
+
+def test_the_parallel_pool_builds_the_same_cache_as_one_process(alpaca, tmp_path, monkeypatch):
+    from orchestrator.data import cache
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in alpaca) + '{"instruction": "no output"}\n')
+    spawned = []
+    real_pool = cache.multiprocessing.get_context("spawn").Pool
+
+    def counting_pool(*a, **k):
+        spawned.append(a[0])
+        return real_pool(*a, **k)
+
+    built = {}
+    for procs in (1, 2):
+        # The pool starts above POOL_MIN_BYTES: lowered to 0 here, so that 2 processes tokenize this file.
+        monkeypatch.setattr(cache, "POOL_MIN_BYTES", 0)
+        monkeypatch.setattr(
+            cache.multiprocessing.context.SpawnContext, "Pool", lambda self, *a, **k: counting_pool(*a, **k)
+        )
+        run = _run(
+            tmp_path,
+            f"data.path={data}",
+            f"data.num_proc={procs}",
+            "data.on_bad_row=skip",
+            f"data.cache_dir={tmp_path / str(procs)}",
+        )
+        validate(run)
+        (d,) = [p for p in (tmp_path / str(procs)).iterdir() if not p.name.startswith(".")]
+        built[procs] = {f.name: f.read_bytes() for f in d.iterdir() if f.suffix == ".bin"}
+        built[procs]["meta"] = {k: v for k, v in json.loads((d / "meta.json").read_text()).items() if k != "source"}
+    assert spawned == [2]
+    assert built[1] == built[2]
+    assert built[2]["meta"]["bad"] == 1 and built[2]["meta"]["rows"] == len(alpaca)
+
+
+def test_the_rust_backend_shortcut_gives_transformers_ids(tok):
+    from orchestrator.data.tokenize import _batch_ids
+
+    texts = ["### Instruction:\nReverse it\n\n", "ship leaf door", "", "  spaces  and\ttabs\n"]
+    for special in (True, False):
+        assert _batch_ids(tok, texts, special) == tok(texts, add_special_tokens=special)["input_ids"]
+    truncating = tok.__class__.from_pretrained(tok.name_or_path)
+    truncating.backend_tokenizer.enable_truncation(2)  # a tokenizer.json that truncates: transformers' call then
+    assert _batch_ids(truncating, texts, True) == truncating(texts, add_special_tokens=True)["input_ids"]
+    assert max(map(len, _batch_ids(truncating, texts, True))) > 2

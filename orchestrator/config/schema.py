@@ -172,6 +172,14 @@ class DataConfig:
     requeues and later runs share it."""
     num_proc: int | None = None
     """Processes that tokenize on the driver; None: the machine's cores, at most 8."""
+    packing: bool | None = None
+    """Pack several training examples into each row of max_seq_len tokens, each attending only to
+    itself (orchestrator/data/packing.py); trainer.micro_batch_size then counts packed rows. None: on
+    where the model's transformers implementation reads packed rows from position ids (Llama, Qwen2,
+    Mistral and most others), else off. Eval rows are never packed."""
+    group_by_length: bool = False
+    """Without packing: batch rows of similar length together (within groups of 64 global batches,
+    in a seeded order), which cuts the padding of each micro-batch."""
 
 
 @dataclass

@@ -361,6 +361,16 @@ def _model_dir(run: RunConfig) -> Path | None:
     return path if path.exists() else None
 
 
+def _cluster_cache_here(run: RunConfig) -> bool:
+    """Whether a cluster run's data cache is on storage this machine can write: storage_path (or
+    data.cache_dir, or its parent) is a writable directory here."""
+    if run.data.cache_dir:
+        have = next((q for q in (Path(run.data.cache_dir), Path(run.data.cache_dir).parent) if q.is_dir()), None)
+    else:
+        have = Path(run.storage_path) if run.storage_path and Path(run.storage_path).is_dir() else None
+    return have is not None and os.access(have, os.W_OK)
+
+
 def _data_here(run: RunConfig) -> bool:
     """Whether some of the data a cluster job names can be read from this machine."""
     import glob
@@ -404,6 +414,13 @@ def _model(run: RunConfig) -> tuple[list[str], Any]:
         p.append(
             f"adapter.r: {run.adapter.r} exceeds the width of the model's widest layer ({widest}, {path}); "
             "a LoRA rank above a layer's width adds nothing but memory"
+        )
+    from orchestrator.data import packing
+
+    if run.data.packing and not packing.supported(path):
+        p.append(
+            f"data.packing: true, but transformers' {mcfg.model_type} does not read packed rows from position "
+            "ids (its attention would cross examples); set data.packing=false"
         )
     try:
         names = module_names(mcfg, run.model)
@@ -492,11 +509,13 @@ def _data(run: RunConfig, tokenizer: Any = None, commit: bool = True) -> list[st
         count = False
     if not count:
         return p + _check_rows(run)
-    from orchestrator.data.dataset import prepare, train_rows
+    from orchestrator.data import packing
+    from orchestrator.data.dataset import packed_train_rows, prepare, train_rows
     from orchestrator.data.formats import MAX_REPORTED
 
     sizes, eval_given = [], run.data.eval_path is not None
-    for prep in prepare(run, tokenizer, commit=commit):
+    prepared = prepare(run, tokenizer, commit=commit)
+    for prep in prepared:
         field, path = prep.source.field, prep.source.spec.path
         if prep.error is not None:
             p.extend(f"{field}: {x}" for x in prep.error.problems)
@@ -568,6 +587,8 @@ def _data(run: RunConfig, tokenizer: Any = None, commit: bool = True) -> list[st
             )
         if field != "data.eval_path":
             sizes.append(r.rows)
+    if packing.enabled(run) and all(x.cache is not None for x in prepared):
+        return p + _batch_check(run, sizes, eval_given, lambda *_: len(packed_train_rows(run, prepared)), "packed rows")
     return p + _batch_check(run, sizes, eval_given, train_rows)
 
 
@@ -603,7 +624,9 @@ def _check_rows(run: RunConfig) -> list[str]:
     return p + _batch_check(run, sizes, d.eval_path is not None, train_rows)
 
 
-def _batch_check(run: RunConfig, sizes: list[int], eval_given: bool, train_rows: Any) -> list[str]:
+def _batch_check(
+    run: RunConfig, sizes: list[int], eval_given: bool, train_rows: Any, unit: str = "training rows"
+) -> list[str]:
     d, t, c = run.data, run.trainer, run.cluster
     sane = 0 <= d.eval_fraction < 1 and min(t.micro_batch_size, t.grad_accum, c.num_workers) >= 1  # else reported alone
     n_sources = len(d.mix) if d.mix else 1
@@ -613,7 +636,7 @@ def _batch_check(run: RunConfig, sizes: list[int], eval_given: bool, train_rows:
     if n_train < run.global_batch():
         field = "data.mix" if d.mix else "data.path"
         return [
-            f"{field}: {n_train} training rows are fewer than one global batch of {run.global_batch()} "
+            f"{field}: {n_train} {unit} are fewer than one global batch of {run.global_batch()} "
             f"(trainer.micro_batch_size={t.micro_batch_size} * trainer.grad_accum={t.grad_accum} * "
             f"cluster.num_workers={c.num_workers}); lower the batch or add data"
         ]
@@ -738,13 +761,15 @@ def validate(run: RunConfig, environment: bool = True, on_cluster: bool = False)
             rest += _resources(run, output_dir="output_dir" not in bad)
         if "strategy.ds_config" not in bad:
             rest += _deepspeed_json(run)
-        # The data pass is the one that writes (the tokenized cache): only for a run that can start
-        # here or in this cluster job. A submission (dry run or not) only checks: its job builds the
-        # cache where it runs, under storage_path.
+        # The data pass tokenizes once, into the cache the workers memory-map: for a run that
+        # starts here or in this cluster job, and for a submission whose cluster cache (under
+        # storage_path) is on storage this machine shares, so that its job finds the cache built.
+        # Any other submission only checks the rows: its job tokenizes where it runs.
         mix_bad = any(path_problem("", m.path) for m in run.data.mix)
         if not {"data.path", "data.eval_path"} & set(bad) and not mix_bad and (here or on_cluster or _data_here(run)):
-            commit = (here or on_cluster) and not (problems or rest)
-            problems[data_at:data_at] = _data(run, tokenizer, commit=commit)
+            tokenize = here or on_cluster or _cluster_cache_here(run)
+            commit = tokenize and not (problems or rest)
+            problems[data_at:data_at] = _data(run, tokenizer if tokenize else None, commit=commit)
         problems += rest
     if problems:
         raise ConfigError(problems)

@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 
 from orchestrator.config.schema import RunConfig
+from orchestrator.data import packing
 from orchestrator.data.cache import Encoding, Report, SourceCache, default_num_proc, open_or_build, tokenizer_digest
 from orchestrator.data.formats import DataError, row_byte_cap, split_indices
 from orchestrator.data.sources import SourceSpec
+from orchestrator.data.tokenize import collate
 
 log = logging.getLogger("orchestrator")
 
@@ -129,6 +131,21 @@ class TokenizedRows:
         c, r = self.caches[self.src[i]], int(self.row[i])
         return int(c.offsets[r + 1] - c.offsets[r])
 
+    collate = staticmethod(collate)
+
+    def example_lengths(self, i: int) -> list[int]:
+        """The lengths of the examples in row i (one; a packed row has several)."""
+        return [self.length(i)]
+
+    def lengths(self) -> np.ndarray:
+        """Every row's token count, from the offsets alone."""
+        out = np.empty(len(self), np.int64)
+        for k, c in enumerate(self.caches):
+            sel = self.src == k
+            r = self.row[sel]
+            out[sel] = c.offsets[r + 1] - c.offsets[r]
+        return out
+
     def target_tokens(self, indices: Any) -> int:
         return sum(int(self.caches[self.src[i]].targets[self.row[i]]) for i in indices)
 
@@ -184,7 +201,7 @@ def train_rows(run: RunConfig, sizes: list[int], eval_given: bool) -> int:
     return n
 
 
-def open_data(run: RunConfig, tokenizer: Any) -> tuple[TokenizedRows, TokenizedRows]:
+def open_data(run: RunConfig, tokenizer: Any) -> tuple[TokenizedRows | packing.PackedRows, TokenizedRows]:
     """A worker's view of the run's data, from the caches validation built (built here, without a
     progress bar, should one be missing: a worker restarted after the cache was removed)."""
     prepared = prepare(run, tokenizer, progress=False)
@@ -192,6 +209,28 @@ def open_data(run: RunConfig, tokenizer: Any) -> tuple[TokenizedRows, TokenizedR
     if missing:
         p = missing[0]
         raise DataError([f"{p.source.field}: {p.error or 'no usable rows'} (validation reports why)"])
+    train, evals = _split(run, prepared)
+    return (pack_rows(run, train) if packing.enabled(run) else train), evals
+
+
+def packed_train_rows(run: RunConfig, prepared: list[Prepared]) -> packing.PackedRows:
+    """The packed training rows of prepared sources (validation's count of them)."""
+    return pack_rows(run, _split(run, prepared)[0])
+
+
+def _split(run: RunConfig, prepared: list[Prepared]) -> tuple[TokenizedRows, TokenizedRows]:
     caches = [p.cache for p in prepared]
     eval_cache = caches.pop() if eval_source(run) is not None else None
     return split(run, caches, eval_cache)
+
+
+def pack_rows(run: RunConfig, train: TokenizedRows) -> packing.PackedRows:
+    packed = packing.PackedRows(train, run.data.max_seq_len, run.trainer.seed)
+    log.info(
+        "data.packing: %d examples in %d rows of up to %d tokens, %.0f%% of them real tokens",
+        len(train),
+        len(packed),
+        run.data.max_seq_len,
+        100 * packed.fill(),
+    )
+    return packed
