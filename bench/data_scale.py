@@ -76,7 +76,7 @@ def run(data: Path, out: Path, home: Path) -> dict:
         if first is None and metrics.is_file() and metrics.stat().st_size:
             first = time.perf_counter() - t0
 
-    peaks = peak_worker_uss(proc, tick)
+    peaks = peak_worker_uss(proc, tick)["run"]
     log = proc.stdout.read()
     if proc.wait() != 0:
         raise RuntimeError(f"{cmd} failed:\n{log[-3000:]}")

@@ -7,7 +7,10 @@ multiple of the base's bytes on disk; fsdp and zero3, fp32 and NF4.
 
 The base is a random fp32 Llama (hidden 1536, 14 layers, 1.6 GB, 7% of it per layer) built once
 in --work. USS (private resident bytes, psutil) of every Ray Train worker under the command is
-sampled every 50 ms. Writes bench/results/sharded_loading.json (or --out).
+sampled every 20 ms, over the whole run and while loading (until the run's summary.json appears).
+--only picks variants (e.g. --only fsdp-none); the environment passes through, so e.g.
+MALLOC_MMAP_THRESHOLD_=1048576 shows what glibc's heap keeps. Writes bench/results/sharded-loading-cpu.json
+(or --out).
 """
 
 from __future__ import annotations
@@ -59,27 +62,32 @@ def peak_uss(repo: Path, out: Path, overrides: list[str]) -> dict:
     """Run the command and return each worker's peak USS and the run's wall time."""
     env = {**os.environ, "PYTHONPATH": str(repo)}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "train", *CHEAP, f"output_dir={out}", *overrides],
-        cwd=repo,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    peaks = peak_worker_uss(proc)
-    log = proc.stdout.read()
+    log_file = out.with_name(out.name + ".log")
+    with log_file.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "train", *CHEAP, f"output_dir={out}", *overrides],
+            cwd=repo,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        peaks = peak_worker_uss(proc, load_end=out / "summary.json")
     if proc.wait() != 0:
-        raise RuntimeError(f"{overrides} failed:\n{log[-3000:]}")
-    return {"worker_peak_uss": sorted(peaks.values()), "wall_s": round(time.perf_counter() - t0, 1)}
+        raise RuntimeError(f"{overrides} failed:\n{log_file.read_text()[-3000:]}")
+    return {
+        "worker_load_peak_uss": sorted(peaks["load"].values()),
+        "worker_peak_uss": sorted(peaks["run"].values()),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repo", type=Path, default=HERE.parent, help="checkout whose orchestrator runs")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "orchestrator-bench")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "sharded_loading.json")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "sharded-loading-cpu.json")
     ap.add_argument("--label", default="", help="stored with the results (e.g. before/after)")
+    ap.add_argument("--only", nargs="*", default=[], help="variants to run, e.g. fsdp-none zero3-nf4")
     args = ap.parse_args()
     from orchestrator import demo
 
@@ -87,24 +95,36 @@ def main() -> None:
     base = build_base(args.work)
     size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
     tiny = demo.ensure_demo_assets()
-    results = {"repo": str(args.repo.resolve()), "label": args.label, "base_bytes": size, "variants": {}}
+    env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    results = {"repo": str(args.repo.resolve()), "label": args.label, "env": env, "base_bytes": size, "variants": {}}
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         for strategy in ("fsdp", "zero3"):
+            if args.only and not any(v.startswith(strategy) for v in args.only):
+                continue
             ref = peak_uss(args.repo, Path(tmp) / f"tiny-{strategy}", [f"model.path={tiny}", f"strategy={strategy}"])
             for quant in ("none", "nf4"):
+                if args.only and f"{strategy}-{quant}" not in args.only:
+                    continue
                 run = peak_uss(
                     args.repo,
                     Path(tmp) / f"{strategy}-{quant}",
                     [f"model.path={base}", f"strategy={strategy}", f"quant={quant}"],
                 )
+                load = max(run["worker_load_peak_uss"]) - max(ref["worker_load_peak_uss"])
                 above = max(run["worker_peak_uss"]) - max(ref["worker_peak_uss"])
                 results["variants"][f"{strategy}-{quant}"] = {
                     **run,
+                    "tiny_worker_load_peak_uss": ref["worker_load_peak_uss"],
                     "tiny_worker_peak_uss": ref["worker_peak_uss"],
+                    "load_peak_above_tiny_bytes": load,
+                    "load_peak_above_tiny_x_base": round(load / size, 3),
                     "peak_above_tiny_bytes": above,
                     "peak_above_tiny_x_base": round(above / size, 3),
                 }
-                print(f"{strategy:6s} {quant:5s} peak above tiny: {above / 2**20:7.0f} MiB = {above / size:.2f}x base")
+                print(
+                    f"{strategy:6s} {quant:5s} above tiny: loading {load / 2**20:6.0f} MiB = {load / size:.2f}x base, "
+                    f"whole run {above / 2**20:6.0f} MiB = {above / size:.2f}x base"
+                )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     previous[args.label or str(args.repo)] = results

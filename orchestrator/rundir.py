@@ -4,6 +4,8 @@
       LOCK                     who runs in the directory now (host, PID, start time); see RunLock
       config.yaml              the composed config; a resumed run must match it
       metrics.jsonl            one JSON row per logged step and per evaluation
+      summary.json             the run's figures (parameters, bytes per worker, the load's peak), written
+                               when loading ends and updated after the first step, as W&B's summary
       wandb_run_id             the W&B run id, so a resumed run continues the same W&B run
       PREEMPT_REQUESTED        asks the workers to commit a checkpoint and stop (holds who asked, and why)
       checkpoints/step-<N>/    adapter/ (PEFT format + manifest), state/, COMMITTED
@@ -94,6 +96,10 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
 
     @property
     def wandb_id(self) -> Path:

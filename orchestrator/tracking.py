@@ -82,6 +82,7 @@ class Tracker:
     def __init__(self, run: RunConfig, total_steps: int, start_step: int = 0):
         rundir = RunDir(Path(run.output_dir))
         self.metrics = rundir.metrics.open("a", encoding="utf-8")
+        self.summary_file, self.summaries = rundir.summary, {}
         self.bar = _progress_bar(total_steps, start_step)
         self.wandb = _wandb_run(run.tracking, run, rundir) if run.tracking.backend == "wandb" else None
 
@@ -102,6 +103,10 @@ class Tracker:
         self.bar.update(n)
 
     def summary(self, values: dict) -> None:
+        self.summaries.update(values)
+        tmp = self.summary_file.with_name(f".{self.summary_file.name}.tmp")
+        tmp.write_text(json.dumps(self.summaries, indent=1) + "\n")
+        tmp.replace(self.summary_file)  # whole or absent, for whoever watches it
         if self.wandb is not None:
             self.wandb.summary.update(values)
 

@@ -247,14 +247,16 @@ def assert_all_gone(family: list[psutil.Process]) -> None:
     assert not alive, f"left running: {[(p.pid, p.name()) for p in alive]}"
 
 
-# The run is stopped four times, once by each signal to the command alone and to its group, and
-# every command that resumes it races a twin started at the same moment on the same directory: one
+# The run is stopped twice: SIGTERM to the command alone (what `kill` and schedulers send) and
+# SIGINT to its process group (Ctrl-C in a terminal), so both signals and both targets are covered
+# (the handler treats the two signals alike: test_first_signal_requests_a_stop_while_fit_goes_on).
+# Every command that resumes it races a twin started at the same moment on the same directory: one
 # of the two must be refused at once, the other go on. The last resumption runs to the end.
-STOPS = [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGTERM, True), (signal.SIGINT, True)]
+STOPS = [(signal.SIGTERM, False), (signal.SIGINT, True)]
 
 
 @pytest.mark.slow
-def test_interrupted_four_ways_and_raced_resumes_end_with_the_uninterrupted_adapter(tmp_path, demo_root, reference):
+def test_interrupted_twice_and_raced_resumes_end_with_the_uninterrupted_adapter(tmp_path, demo_root, reference):
     # No output_dir: Hydra's fresh timestamped directory, which the resume command must name.
     log = tmp_path / "run-0.log"
     proc = start(tmp_path, log)

@@ -210,7 +210,17 @@ def open_data(run: RunConfig, tokenizer: Any) -> tuple[TokenizedRows | packing.P
         p = missing[0]
         raise DataError([f"{p.source.field}: {p.error or 'no usable rows'} (validation reports why)"])
     train, evals = _split(run, prepared)
-    return (pack_rows(run, train) if packing.enabled(run) else train), evals
+    if not packing.enabled(run):
+        return train, evals
+    packed = pack_rows(run, train)
+    log.info(
+        "data.packing: %d examples in %d rows of up to %d tokens, %.0f%% of them real tokens",
+        len(train),
+        len(packed),
+        run.data.max_seq_len,
+        100 * packed.fill(),
+    )
+    return packed, evals
 
 
 def packed_train_rows(run: RunConfig, prepared: list[Prepared]) -> packing.PackedRows:
@@ -225,12 +235,4 @@ def _split(run: RunConfig, prepared: list[Prepared]) -> tuple[TokenizedRows, Tok
 
 
 def pack_rows(run: RunConfig, train: TokenizedRows) -> packing.PackedRows:
-    packed = packing.PackedRows(train, run.data.max_seq_len, run.trainer.seed)
-    log.info(
-        "data.packing: %d examples in %d rows of up to %d tokens, %.0f%% of them real tokens",
-        len(train),
-        len(packed),
-        run.data.max_seq_len,
-        100 * packed.fill(),
-    )
-    return packed
+    return packing.PackedRows(train, run.data.max_seq_len, run.trainer.seed)
