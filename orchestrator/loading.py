@@ -9,8 +9,9 @@ The steps, per worker:
    quant_storage and compute dtype from_pretrained gives), frozen, with the adapter attached
    (on meta too: nothing is allocated yet).
 2. fill(): non-persistent buffers (rotary inv_freq: not in any checkpoint) are computed by the
-   model's own _init_weights, as from_pretrained does. Then, for each decoder layer and last for
-   the root's remaining parameters (embeddings, final norm, lm_head, tied or not): its base
+   model's own _init_weights, as from_pretrained does. Then, for each decoder layer, then the
+   input embeddings and the output head (each alone when they are untied: at a 128k vocabulary
+   each is larger than a decoder layer), and last the root's remaining parameters: its base
    tensors are read from the safetensors files, cast to the dtype from_pretrained would use, put
    on the worker's device and, for Linear4bit weights, quantized (Params4bit, as transformers'
    Bnb4bitQuantize does) one layer at a time; its adapter is initialised by PEFT's own
@@ -214,7 +215,7 @@ def fill(model: nn.Module, cfg: ModelConfig, device: torch.device | str, shard: 
     """Make the skeleton real in place on `device`, decoder layer by decoder layer, calling
     `shard` on each layer when it is complete and on `model` at the end."""
     from orchestrator.model import DTYPES, resolve_model_path
-    from orchestrator.strategies.fsdp import decoder_layers
+    from orchestrator.strategies.fsdp import decoder_layers, root_units
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = torch.device(device)
@@ -223,11 +224,11 @@ def fill(model: nn.Module, cfg: ModelConfig, device: torch.device | str, shard: 
     adapter = _AdapterInit(model)
     _init_buffers(base, ckpt, device)
     fill_dtype = DTYPES[cfg.dtype]
-    for layer in decoder_layers(base):
-        _materialise(layer, keys, ckpt, device, fill_dtype)
-        adapter.init(layer)
+    for unit in [*decoder_layers(base), *root_units(base)]:
+        _materialise(unit, keys, ckpt, device, fill_dtype)
+        adapter.init(unit)
         if shard is not None:
-            shard(layer)
+            shard(unit)
     _materialise(base, keys, ckpt, device, fill_dtype)
     adapter.init(base)
     left = [n for n, p in model.named_parameters() if p.is_meta]

@@ -92,6 +92,9 @@ class BaseParam:
     """An nn.Linear weight NF4 packs (every linear layer but the output head)."""
     layer: int | None
     """Index of its decoder layer; None for embeddings, final norm, output head."""
+    unit: int | None = None
+    """Index of the unit the loader fills and FSDP gathers it in: its decoder layer, then the
+    embeddings and an untied output head as units of their own; None for the root's rest."""
 
 
 @dataclass
@@ -136,7 +139,7 @@ def model_shape(run: RunConfig, model_config: PretrainedConfig | None = None) ->
 
     from orchestrator.adapters import peft_config
     from orchestrator.model import load_model_config, resolve_model_path
-    from orchestrator.strategies.fsdp import decoder_layers
+    from orchestrator.strategies.fsdp import decoder_layers, root_units
 
     try:
         cfg = model_config if model_config is not None else load_model_config(run.model)
@@ -149,6 +152,7 @@ def model_shape(run: RunConfig, model_config: PretrainedConfig | None = None) ->
         raise PlanError(f"model.path: transformers cannot build {run.model.path} as a causal LM: {e}") from None
     layers = decoder_layers(model)
     layer_of = {id(p): i for i, layer in enumerate(layers) for p in layer.parameters()}
+    unit_of = {id(p): i for i, unit in enumerate([*layers, *root_units(model)]) for p in unit.parameters()}
     head = model.get_output_embeddings()
     head_params = {id(p) for p in head.parameters()} if head is not None else set()
     quantized = {
@@ -157,7 +161,9 @@ def model_shape(run: RunConfig, model_config: PretrainedConfig | None = None) ->
         if isinstance(m, torch.nn.Linear) and m is not head and id(m.weight) not in head_params
     }
     base = [
-        BaseParam(p.numel(), p.shape[0] if p.dim() else 1, id(p) in quantized, layer_of.get(id(p)))
+        BaseParam(
+            p.numel(), p.shape[0] if p.dim() else 1, id(p) in quantized, layer_of.get(id(p)), unit_of.get(id(p))
+        )
         for p in model.parameters()  # tied weights are one parameter, counted once
     ]
     try:
@@ -335,19 +341,23 @@ def _base_shard(shape: Shape, run: RunConfig, strategy: str, n: int) -> int:
     return total
 
 
+def _units(shape: Shape) -> list[list[BaseParam]]:
+    """The base's parameters by loading and FSDP unit (decoder layers, embeddings, an untied
+    output head, the root's rest)."""
+    units: dict[int | None, list[BaseParam]] = {}
+    for p in shape.base:
+        units.setdefault(p.unit, []).append(p)
+    return list(units.values())
+
+
 def _layer_bytes(shape: Shape, run: RunConfig) -> int:
-    """One decoder layer's base parameters as stored (what FSDP gathers)."""
-    return max(
-        (sum(param_bytes(p, run)[1] for p in shape.base if p.layer == i) for i in range(shape.layers)),
-        default=0,
-    )
+    """The largest unit's base parameters as stored (what FSDP gathers at once)."""
+    return max((sum(param_bytes(p, run)[1] for p in unit) for unit in _units(shape)), default=0)
 
 
 def _source_layer_bytes(shape: Shape, run: RunConfig, dt: int) -> int:
-    """The largest unit the loader fills at once, at `dt` bytes per parameter before quantization:
-    a decoder layer, or last the root's own parameters (embeddings, final norm, output head)."""
-    root = sum(p.numel * dt for p in shape.base if p.layer is None)
-    return max([root, *(sum(p.numel * dt for p in shape.base if p.layer == i) for i in range(shape.layers))])
+    """The largest unit the loader fills at once, at `dt` bytes per parameter before quantization."""
+    return max((sum(p.numel * dt for p in unit) for unit in _units(shape)), default=0)
 
 
 def _overhead(run: RunConfig, strategy: str, device: str) -> Item:

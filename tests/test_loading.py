@@ -105,14 +105,16 @@ def test_tied_embeddings_and_sharded_checkpoint(tied_sharded_model, quant):
 
 def test_each_layer_is_handed_over_before_the_next_is_read(demo_model):
     """The strategy's hook sees every decoder layer complete while the later ones are still meta,
-    and the root last: what bounds a sharding worker to its shard plus about one layer."""
+    then the embeddings while the output head is still meta, then the head, and the root last:
+    what bounds a sharding worker to its shard plus about one unit."""
     from orchestrator.strategies.fsdp import decoder_layers
 
     seen = []
 
     def shard(module):
-        layers = decoder_layers(model.get_base_model())
-        real = [any(not p.is_meta for p in layer.parameters() if not p.requires_grad) for layer in layers]
+        base = model.get_base_model()
+        units = [*decoder_layers(base), base.get_input_embeddings(), base.get_output_embeddings()]
+        real = [any(not p.is_meta for p in unit.parameters() if not p.requires_grad) for unit in units]
         meta_params = [n for n, p in module.named_parameters() if p.is_meta]
         seen.append((module, real, meta_params))
 
@@ -121,10 +123,12 @@ def test_each_layer_is_handed_over_before_the_next_is_read(demo_model):
     cfg = ModelConfig(path=str(demo_model), dtype="fp32")
     model = loading.skeleton(cfg, QuantConfig(kind="nf4"), AdapterConfig(r=4))
     loading.fill(model, cfg, "cpu", shard)
-    layers = decoder_layers(model.get_base_model())
-    assert [m for m, _, _ in seen] == [*layers, model]
+    base = model.get_base_model()
+    units = [*decoder_layers(base), base.get_input_embeddings(), base.get_output_embeddings()]
+    assert base.get_output_embeddings().weight is not base.get_input_embeddings().weight  # the demo's are untied
+    assert [m for m, _, _ in seen] == [*units, model]
     for i, (_, real, meta_params) in enumerate(seen[:-1]):
-        assert real == [j <= i for j in range(len(layers))] and not meta_params
+        assert real == [j <= i for j in range(len(units))] and not meta_params
     assert not seen[-1][2]
 
 

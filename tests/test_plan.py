@@ -287,3 +287,18 @@ def test_probe_trains_two_steps_and_refits_the_overhead(demo_model, capsys):
     assert out["after"]["steady_bytes_per_worker"] == pytest.approx(measured["steady_peak"], abs=16)
     assert out["refitted"]["cpu_worker_bytes"] != P.CALIBRATION["cpu_worker_bytes"]  # restored after
     assert out["before"]["strategies"]["fsdp"]["steady_bytes"] != out["after"]["strategies"]["fsdp"]["steady_bytes"]
+
+
+def test_the_load_unit_of_llama3_8b_is_its_embeddings_not_the_whole_root(tmp_path):
+    """At a 128k vocabulary the embeddings and the untied head are each larger than a decoder
+    layer; the loader fills them one at a time, and the plan's load peak holds one of them."""
+    from orchestrator import demo
+
+    run = run_for(demo.write_llama3_config(tmp_path / "8b", "8b"), "quant=none", "model.dtype=bf16")
+    shape = P.model_shape(run)
+    embeddings = 128256 * 4096 * 2
+    layer = sum(p.numel for p in shape.base if p.layer == 0) * 2
+    assert layer < embeddings
+    assert P._source_layer_bytes(shape, run, 2) == embeddings  # not 2x: embeddings and head apart
+    (filled,) = [i for i in P.load_items(shape, run, "fsdp", 8, "cuda") if i.name == "layer being filled"]
+    assert filled.bytes == embeddings

@@ -20,9 +20,20 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=len))
 
 
+def root_units(model: nn.Module) -> list[nn.Module]:
+    """The input embeddings and the output head, when untied: units of their own for the loader
+    and FSDP, since at a 128k vocabulary each outweighs a decoder layer of an 8B model (1 GiB in
+    bf16 against 0.4). Tied, they are one parameter, which must stay in one unit: the root's."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb is None or head is None or head.weight is emb.weight:
+        return []
+    return [emb, head]
+
+
 def shard_module(module: nn.Module, cfg: StrategyConfig) -> None:
-    """fully_shard one decoder layer as the loader completes it, and last the root (embeddings,
-    norm, head; the layers inside are already sharded). The adapter stays out of it."""
+    """fully_shard one unit as the loader completes it: a decoder layer, the embeddings, the
+    output head, and last the root (what is left: the final norm; the units inside are already
+    sharded). The adapter stays out of it."""
     from torch.distributed.fsdp import fully_shard
 
     adapter = {p for p in module.parameters() if p.requires_grad}
