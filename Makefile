@@ -6,10 +6,10 @@ BIN := $(VENV)/bin
 # CPU torch here; on a CUDA machine set TORCH_SPEC to the build matching your driver.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
-# Three test processes on CI's two cores: a training test waits on Ray's start-up, schedulers and
-# other processes for about a third of its time, which the others use. Groups (tests/conftest.py)
-# keep each file, and the files that share trained runs, in one process.
-PARALLEL ?= -n 3 --dist loadgroup
+# Two test processes: a training test waits on Ray's start-up, schedulers and other processes for
+# about a third of its time, which the other uses (three overload CI's two cores). Groups
+# (tests/conftest.py) keep each file, and the files that share trained runs, in one process.
+PARALLEL ?= -n 2 --dist loadgroup
 
 .PHONY: setup demo test test-fast lint bench clean
 

@@ -161,9 +161,7 @@ def model_shape(run: RunConfig, model_config: PretrainedConfig | None = None) ->
         if isinstance(m, torch.nn.Linear) and m is not head and id(m.weight) not in head_params
     }
     base = [
-        BaseParam(
-            p.numel(), p.shape[0] if p.dim() else 1, id(p) in quantized, layer_of.get(id(p)), unit_of.get(id(p))
-        )
+        BaseParam(p.numel(), p.shape[0] if p.dim() else 1, id(p) in quantized, layer_of.get(id(p)), unit_of.get(id(p)))
         for p in model.parameters()  # tied weights are one parameter, counted once
     ]
     try:

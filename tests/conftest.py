@@ -37,6 +37,14 @@ def pytest_collection_modifyitems(config, items):
 
     for item in items:
         item.add_marker(pytest.mark.xdist_group(SHARED_RUNS.get(item.path.name, item.path.name)))
+    # The longest groups first, so that the last one to start does not run alone at the end.
+    first = ["test_slurm.py", "trained-runs", "test_ray_jobs.py", "test_interrupt.py", "test_sharded_loading_memory.py"]
+
+    def rank(item):
+        group = SHARED_RUNS.get(item.path.name, item.path.name)
+        return first.index(group) if group in first else len(first)
+
+    items.sort(key=rank)  # stable: within a group, the files' own order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
