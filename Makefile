@@ -6,10 +6,6 @@ BIN := $(VENV)/bin
 # CPU torch here; on a CUDA machine set TORCH_SPEC to the build matching your driver.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
-# Two test processes: a training test waits on Ray's start-up, schedulers and other processes for
-# about a third of its time, which the other uses (three overload CI's two cores). Groups
-# (tests/conftest.py) keep each file, and the files that share trained runs, in one process.
-PARALLEL ?= -n 2 --dist loadgroup
 
 .PHONY: setup demo test test-fast lint bench clean
 
@@ -33,10 +29,10 @@ $(BIN)/python -m pytest $(1) $(PYTEST_ARGS) tests; rc=$$?; \
 endef
 
 test: setup
-	$(call pytest,$(PARALLEL) --durations=25)
+	$(call pytest,--durations=25)
 
 test-fast: setup
-	$(call pytest,$(PARALLEL) -m "not slow and not cluster and not gpu")
+	$(call pytest,-m "not slow and not cluster and not gpu")
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

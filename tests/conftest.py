@@ -24,27 +24,9 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ["ORCHESTRATOR_HOME"] = tempfile.mkdtemp(prefix="orchestrator-home-")
 
 
-# Test files that share session-wide trained runs (demo_run, equivalence_run): under pytest-xdist
-# (make test) they run in one process, which trains each run once. Every other file is a group of
-# its own, so that its module fixtures (the Slurm daemons, a Ray head) live in one process.
-SHARED_RUNS = {
-    f"test_{name}.py": "trained-runs" for name in ("train", "deepspeed", "plan_calibration", "resume", "merge")
-}
-
-
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(SHARED_RUNS.get(item.path.name, item.path.name)))
-    # The longest groups first, so that the last one to start does not run alone at the end.
-    first = ["test_slurm.py", "trained-runs", "test_ray_jobs.py", "test_interrupt.py", "test_sharded_loading_memory.py"]
-
-    def rank(item):
-        group = SHARED_RUNS.get(item.path.name, item.path.name)
-        return first.index(group) if group in first else len(first)
-
-    items.sort(key=rank)  # stable: within a group, the files' own order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -212,7 +212,7 @@ def open_data(run: RunConfig, tokenizer: Any) -> tuple[TokenizedRows | packing.P
     train, evals = _split(run, prepared)
     if not packing.enabled(run):
         return train, evals
-    packed = pack_rows(run, train)
+    packed = packing.PackedRows(train, run.data.max_seq_len, run.trainer.seed)
     log.info(
         "data.packing: %d examples in %d rows of up to %d tokens, %.0f%% of them real tokens",
         len(train),
@@ -225,14 +225,10 @@ def open_data(run: RunConfig, tokenizer: Any) -> tuple[TokenizedRows | packing.P
 
 def packed_train_rows(run: RunConfig, prepared: list[Prepared]) -> packing.PackedRows:
     """The packed training rows of prepared sources (validation's count of them)."""
-    return pack_rows(run, _split(run, prepared)[0])
+    return packing.PackedRows(_split(run, prepared)[0], run.data.max_seq_len, run.trainer.seed)
 
 
 def _split(run: RunConfig, prepared: list[Prepared]) -> tuple[TokenizedRows, TokenizedRows]:
     caches = [p.cache for p in prepared]
     eval_cache = caches.pop() if eval_source(run) is not None else None
     return split(run, caches, eval_cache)
-
-
-def pack_rows(run: RunConfig, train: TokenizedRows) -> packing.PackedRows:
-    return packing.PackedRows(train, run.data.max_seq_len, run.trainer.seed)
