@@ -77,6 +77,25 @@ def pack(lengths: np.ndarray, capacity: int, seed: int) -> tuple[np.ndarray, np.
     return order.astype(np.int64), np.asarray(starts, np.int64)
 
 
+def collate_packed(packed: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
+    """A micro-batch of packed rows, right-padded to its longest; the padding is a sequence of its
+    own (positions from 0, no targets), so no real token attends to it."""
+    width = max(sum(len(ids) for ids, _ in row) for row in packed)
+    input_ids = torch.full((len(packed), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(packed), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(packed), width), dtype=torch.long)
+    for r, row in enumerate(packed):
+        at = 0
+        for ids, lab in row:
+            n = len(ids)
+            input_ids[r, at : at + n] = torch.tensor(ids)
+            labels[r, at + 1 : at + n] = torch.tensor(lab[1:])
+            positions[r, at : at + n] = torch.arange(n)
+            at += n
+        positions[r, at:] = torch.arange(width - at)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+
+
 class PackedRows:
     """Packed rows over tokenized rows (TokenizedRows or a list of examples), by index, with the
     interface the sampler and the steps use: len, [b] (the row's examples), length, target_tokens."""
@@ -93,9 +112,7 @@ class PackedRows:
     def __getitem__(self, b: int) -> list[Example]:
         return [self.rows[int(i)] for i in self._of(b)]
 
-    @staticmethod
-    def collate(packed: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
-        return collate_packed(packed, pad_id)
+    collate = staticmethod(collate_packed)
 
     def _of(self, b: int) -> np.ndarray:
         return self.members[self.starts[b] : self.starts[b + 1]]
@@ -118,22 +135,3 @@ def _lengths(rows: Any) -> np.ndarray:
     if hasattr(rows, "lengths"):
         return rows.lengths()
     return np.asarray([len(ids) for ids, _ in rows], np.int64)
-
-
-def collate_packed(packed: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
-    """A micro-batch of packed rows, right-padded to its longest; the padding is a sequence of its
-    own (positions from 0, no targets), so no real token attends to it."""
-    width = max(sum(len(ids) for ids, _ in row) for row in packed)
-    input_ids = torch.full((len(packed), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(packed), width), IGNORE_INDEX, dtype=torch.long)
-    positions = torch.zeros((len(packed), width), dtype=torch.long)
-    for r, row in enumerate(packed):
-        at = 0
-        for ids, lab in row:
-            n = len(ids)
-            input_ids[r, at : at + n] = torch.tensor(ids)
-            labels[r, at + 1 : at + n] = torch.tensor(lab[1:])
-            positions[r, at : at + n] = torch.arange(n)
-            at += n
-        positions[r, at:] = torch.arange(width - at)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
