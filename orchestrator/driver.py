@@ -34,15 +34,22 @@ RESUMABLE_CHANGES = (
     "tracking.",
     "trainer.micro_batch_size",
     "trainer.grad_accum",
+    "trainer.sync_every_s",
+    "trainer.compile",
 )
 
 
 def config_differences(old: dict, new: RunConfig) -> list[str]:
     a, b = flatten(old), flatten(as_dict(new))
+    # A field the saved config lacks came with a later version of this package; at its default it
+    # changes nothing, so a run saved before an upgrade still resumes after it.
+    defaults = flatten(as_dict(RunConfig()))
     diffs = [
         f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
         for k in sorted(set(a) | set(b))
-        if not k.startswith(RESUMABLE_CHANGES) and a.get(k) != b.get(k)
+        if not k.startswith(RESUMABLE_CHANGES)
+        and a.get(k) != b.get(k)
+        and not (k not in a and k in defaults and b.get(k) == defaults[k])
     ]
     t, c = old.get("trainer", {}), old.get("cluster", {})
     old_batch = t.get("micro_batch_size", 0) * t.get("grad_accum", 0) * c.get("num_workers", 0)

@@ -30,6 +30,11 @@ def _ray_bar_class():
     from ray.experimental import tqdm_ray
 
     class Bar(tqdm_ray.tqdm):
+        def set_description(self, desc: str, refresh: bool = True) -> None:  # tqdm's signature
+            self._desc = desc
+            if refresh:
+                self._dump_state()
+
         def _dump_state(self, force_flush: bool = False) -> None:
             if ray._private.worker.global_worker.mode != ray.WORKER_MODE:  # Ray Train's local mode
                 return super()._dump_state(force_flush)
@@ -84,6 +89,7 @@ class Tracker:
         self.metrics = rundir.metrics.open("a", encoding="utf-8")
         self.summary_file, self.summaries = rundir.summary, {}
         self.bar = _progress_bar(total_steps, start_step)
+        self.newest: dict | None = None
         self.wandb = _wandb_run(run.tracking, run, rundir) if run.tracking.backend == "wandb" else None
 
     def log(self, step: int, metrics: dict) -> None:
@@ -93,13 +99,19 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
         if "loss" in row:
+            self.newest = row
+
+    def advance(self, n: int = 1) -> None:
+        """Move the bar on by n steps, showing the newest training row: once per sync, since
+        tqdm_ray passes on at most one state per flush interval and drops the others."""
+        row, self.newest = self.newest, None
+        if row is not None:
             self.bar.set_description(
                 f"train loss={row['loss']:.4f} lr={row.get('lr', math.nan):.2e} gnorm={row.get('grad_norm', math.nan):.3f} "
                 f"tok/s={row.get('tokens_per_s', math.nan):.0f} mfu={100 * (row.get('mfu') or math.nan):.1f}% "
-                f"peak={row.get('peak_memory_bytes', 0) / 2**20:.0f}MiB"
+                f"peak={row.get('peak_memory_bytes', 0) / 2**20:.0f}MiB",
+                refresh=False,
             )
-
-    def advance(self, n: int = 1) -> None:
         self.bar.update(n)
 
     def summary(self, values: dict) -> None:

@@ -62,6 +62,10 @@ class Job:
     frozen_bytes: float
     flops: FlopCounter
     peak_flops: float
+    window: int = 1
+    """Steps until the next sync (see sync()); the first step syncs alone, to measure step time."""
+    step_s: float = 0.0
+    """This worker's wall time per step over the last window, sent with the next sync."""
     optimizer_bytes: float = 0.0
     """The largest optimizer state of any worker, measured after this attempt's first step."""
     memory: dict[str, float] = field(default_factory=dict)
@@ -105,6 +109,8 @@ def setup(run: RunConfig) -> Job:
         ckpt.restore_adapter(resume_from)  # into the whole adapter (only the base is sharded yet)
     model, optimizer = strategy.prepare(peft_model, lambda ps: build_optimizer(ps, run.optim, run.trainer.lr))
     model.train()
+    if run.trainer.compile:
+        compile_layers(model)
 
     t = run.trainer
     grouped = run.data.group_by_length and isinstance(train, TokenizedRows)  # packed rows need none
@@ -172,57 +178,41 @@ def setup(run: RunConfig) -> Job:
 def run_steps(job: Job) -> bool:
     """The optimizer steps from job.start on. False when a stop request ended them early, after
     a checkpoint of the last step was committed."""
-    run, d, t = job.run, job.d, job.run.trainer
+    t = job.run.trainer
+    pending: list[Pending] = []
     for step in range(job.start, job.steps):
-        t0 = time.perf_counter()
+        if not pending:
+            window_start = time.perf_counter()
         global_rows = job.sampler.all_step_indices(step)
         n_target = target_tokens(job.train, global_rows)
         lengths = [n for i in global_rows for n in job.train.example_lengths(i)]
-        loss = torch.zeros((), device=d.device)
+        loss = torch.zeros((), device=job.d.device)
         for micro in job.sampler.step_indices(step):
-            batch = _to(d, job.train.collate([job.train[i] for i in micro], job.pad_id))
+            batch = _to(job.d, job.train.collate([job.train[i] for i in micro], job.pad_id))
             micro_loss = job.loss(job.model, batch, n_target)
             job.strategy.backward(micro_loss)
             loss += micro_loss.detach().float()
-        grad_norm = float(job.strategy.optimizer_step(job.optimizer, run.optim.max_grad_norm))
+        grad_norm = job.strategy.optimizer_step(job.optimizer, job.run.optim.max_grad_norm)
         if step == job.start:
             report_optimizer_bytes(job)
-        lr = job.scheduler.get_last_lr()[0]
+        pending.append(Pending(step + 1, loss, grad_norm, job.scheduler.get_last_lr()[0], n_target, lengths))
         job.scheduler.step()
-        # The loss and whether any rank sees a stop request travel in one all-reduce, so the
-        # request costs no extra collective and every rank stops at the same step.
-        asked = torch.tensor(float(job.ckpt.dir.stop_requested()), device=d.device)
-        loss_val, stop = d.all_reduce(torch.stack([loss, asked])).tolist()
-        done = step + 1
-        check_step(done, loss_val, grad_norm, n_target)
-        job.tracker.advance()
 
-        if done % t.log_every == 0 or done == job.steps:
-            seconds = time.perf_counter() - t0
-            job.tracker.log(
-                done,
-                {
-                    "loss": loss_val,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": sum(lengths) / seconds,
-                    "mfu": job.flops.batch(lengths) / (seconds * d.world * job.peak_flops) if job.peak_flops else None,
-                    "target_tokens": n_target,
-                    **_memory_metrics(job),
-                    "param_bytes_per_worker": job.frozen_bytes,
-                    "optimizer_bytes_per_worker": job.optimizer_bytes,
-                    "epoch": step // job.sampler.steps_per_epoch,
-                },
-            )
+        done = step + 1
+        evaluating = bool(t.eval_every) and done % t.eval_every == 0 and done != job.steps
+        saving = bool(t.save_every) and done % t.save_every == 0
+        if len(pending) < job.window and not (evaluating or saving or done == job.steps):
+            continue
+        stop = sync(job, pending, window_start)
+        pending = []
         evaluated = {}
-        if t.eval_every and done % t.eval_every == 0 and done != job.steps:
+        if evaluating:
             evaluated = evaluate(job)
             job.tracker.log(done, evaluated)
-        saved = bool(t.save_every) and done % t.save_every == 0
-        if saved:
+        if saving:
             job.ckpt.save_step(done, job.model, job.optimizer, job.scheduler, evaluated.get("eval_loss"))
         if stop and done < job.steps:
-            if not saved:
+            if not saving:
                 job.ckpt.save_step(done, job.model, job.optimizer, job.scheduler)
             if job.ckpt.dir.stop_reason() == INTERRUPT:
                 log.warning("interrupted: committed step-%d, stopping", done)
@@ -230,6 +220,81 @@ def run_steps(job: Job) -> bool:
                 log.warning("preemption requested: committed step-%d, stopping so the job can be requeued", done)
             return False
     return True
+
+
+@dataclass
+class Pending:
+    """A step computed but not synced yet: its loss (this worker's share) and grad norm are still
+    on the device."""
+
+    step: int
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    lr: float
+    n_target: int
+    lengths: list[int]
+
+
+MAX_WINDOW = 100
+"""The most steps between two syncs, however short a step."""
+
+
+def sync(job: Job, pending: list[Pending], window_start: float) -> bool:
+    """Wait for the pending steps, agree on their losses and on whether any worker sees a stop
+    request, check and log them; True when the run is to stop.
+
+    Waiting for the device and for the other workers after every step would cost a collective,
+    a file check and the host-device round trip per step, and keep the host from queueing the next
+    step's kernels while the device works. So they happen once per window of steps, sized to
+    trainer.sync_every_s from the previous window's step time. Every worker must pick the same
+    windows (the sync is collective), so that step time travels in the same all-reduce as the
+    losses and the window is computed from the sum all workers get."""
+    d, t = job.d, job.run.trainer
+    asked = float(job.ckpt.dir.stop_requested())
+    local = torch.cat([torch.stack([p.loss for p in pending]), torch.tensor([asked, job.step_s], device=d.device)])
+    *losses, stop, step_s = d.all_reduce(local).tolist()
+    grad_norms = torch.stack([p.grad_norm.to(d.device).float() for p in pending]).tolist()
+    seconds = time.perf_counter() - window_start
+    job.step_s = seconds / len(pending)
+    step_s /= d.world
+    job.window = max(1, min(MAX_WINDOW, int(t.sync_every_s / step_s))) if step_s > 0 else 1
+    for p, loss, grad_norm in zip(pending, losses, grad_norms):
+        check_step(p.step, loss, grad_norm, p.n_target)
+    logged = [
+        (p, loss, g)
+        for p, loss, g in zip(pending, losses, grad_norms)
+        if p.step % t.log_every == 0 or p.step == job.steps
+    ]
+    if logged:
+        _log_window(job, pending, logged, seconds)
+    job.tracker.advance(len(pending))  # after the rows: the bar shows the newest loss
+    return bool(stop)
+
+
+def _log_window(job: Job, pending: list[Pending], logged: list[tuple[Pending, float, float]], seconds: float) -> None:
+    d = job.d
+    # One rate for the window: with the device running ahead of the host, one step's wall time
+    # is not measurable without a sync of its own.
+    lengths = [n for p in pending for n in p.lengths]
+    tokens_per_s = sum(lengths) / seconds
+    mfu = job.flops.batch(lengths) / (seconds * d.world * job.peak_flops) if job.peak_flops else None
+    memory = _memory_metrics(job)  # collective: every worker logs the same steps
+    for p, loss, grad_norm in logged:
+        job.tracker.log(
+            p.step,
+            {
+                "loss": loss,
+                "lr": p.lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens_per_s,
+                "mfu": mfu,
+                "target_tokens": p.n_target,
+                **memory,
+                "param_bytes_per_worker": job.frozen_bytes,
+                "optimizer_bytes_per_worker": job.optimizer_bytes,
+                "epoch": (p.step - 1) // job.sampler.steps_per_epoch,
+            },
+        )
 
 
 def finish(job: Job) -> None:
@@ -249,6 +314,16 @@ def report_optimizer_bytes(job: Job) -> None:
     job.optimizer_bytes = job.d.max(state_bytes(job.optimizer))
     log.info("optimizer state bytes per worker: %d (%s)", job.optimizer_bytes, job.run.optim.name)
     job.tracker.summary({"optimizer_bytes_per_worker": job.optimizer_bytes})
+
+
+def compile_layers(model: nn.Module) -> None:
+    """torch.compile each decoder layer in place, as torchtune does: the layers share one graph
+    (their parameters are its inputs), the sharding hooks around them stay eager, and the loss,
+    which chunks the output head, is left out."""
+    from orchestrator.strategies.fsdp import decoder_layers
+
+    for layer in decoder_layers(model):
+        layer.compile()
 
 
 def _memory_metrics(job: Job) -> dict[str, float]:

@@ -325,3 +325,38 @@ def test_too_little_disk_for_the_checkpoints_is_refused(tiny_disk, demo_root):
         validate(run)
     assert len(e.value.problems) == 1 and "KiB free but the run's checkpoints need about" in e.value.problems[0]
     validate(compose(["experiment=demo", f"output_dir={tiny_disk / 'run'}", "trainer.save_every=0", "adapter.r=2"]))
+
+
+def test_a_run_saved_before_a_field_existed_still_resumes():
+    """A saved config.yaml without a field added later: at its default it is no difference, set
+    to anything else it is one; fields of how the run executes may change either way."""
+    from orchestrator.driver import config_differences
+
+    run = RunConfig()
+    saved = as_dict(run)
+    del saved["trainer"]["compile"], saved["trainer"]["loss_chunk_tokens"]
+    assert config_differences(saved, run) == []
+    run.trainer.loss_chunk_tokens = 0
+    assert config_differences(saved, run) == ["trainer.loss_chunk_tokens: None -> 0"]
+    run.trainer.loss_chunk_tokens, run.trainer.compile, run.trainer.sync_every_s = 256, True, 0.0
+    assert config_differences(saved, run) == []
+
+
+def test_compile_wraps_every_decoder_layer_and_is_refused_under_deepspeed(tmp_path, demo_model):
+    from orchestrator.config import ModelConfig
+    from orchestrator.model import load_base
+    from orchestrator.strategies.fsdp import decoder_layers
+    from orchestrator.train_loop import compile_layers
+
+    model = load_base(ModelConfig(path=str(demo_model)), RunConfig().quant, "cpu")
+    compile_layers(model)  # compiles lazily, at the first forward
+    layers = decoder_layers(model)
+    assert layers and all(layer._compiled_call_impl is not None for layer in layers)
+    assert model.lm_head._compiled_call_impl is None  # the loss chunks the head itself
+
+    run = compose(["experiment=demo", f"output_dir={tmp_path}", "strategy=zero3", "trainer.compile=true"])
+    with pytest.raises(ConfigError, match="trainer.compile: not supported with strategy=zero3"):
+        validate(run)
+    validate(compose(["experiment=demo", f"output_dir={tmp_path}", "trainer.compile=true", "trainer.sync_every_s=0"]))
+    with pytest.raises(ConfigError, match="trainer.sync_every_s: must be >= 0 seconds"):
+        validate(compose(["experiment=demo", f"output_dir={tmp_path}", "trainer.sync_every_s=-1"]))

@@ -146,3 +146,33 @@ def test_keep_last_and_keep_best_prune_step_checkpoints(train_run):
     kept = [n for n, _ in checkpoint.step_checkpoints(out / "checkpoints")]
     assert kept == sorted({best, 8}), (kept, evals)
     assert checkpoint.eval_loss(out / "checkpoints" / f"step-{best}") == evals[best]
+
+
+def test_steps_sync_in_windows_that_end_at_every_save_and_change_no_number(train_run, monkeypatch):
+    """The host waits for the device, the workers agree on the losses and look for a stop
+    request once per window of steps (trainer.sync_every_s), not after each: fewer syncs than
+    steps, every save and the last step ending a window, and the same losses and adapter as
+    syncing after every step."""
+    from conftest import assert_same_adapter
+
+    from orchestrator import train_loop
+
+    windows: list[list[int]] = []
+    real_sync = train_loop.sync
+
+    def recording_sync(job, pending, window_start):
+        windows.append([p.step for p in pending])
+        return real_sync(job, pending, window_start)
+
+    monkeypatch.setattr(train_loop, "sync", recording_sync)
+    common = ["trainer.max_steps=12", "trainer.save_every=5", *ONE_PROCESS]
+    windowed = train_run(*common, "trainer.sync_every_s=60", name="windowed")
+    assert [s for w in windows for s in w] == list(range(1, 13))
+    assert len(windows) < 12 and all(s in (w[-1] for w in windows) for s in (5, 10, 12)), windows
+    windows.clear()
+    every = train_run(*common, "trainer.sync_every_s=0", name="every-step")
+    assert windows == [[s] for s in range(1, 13)]
+
+    assert [m["step"] for m in read_metrics(windowed) if "loss" in m] == list(range(1, 13))
+    assert train_losses(windowed) == train_losses(every)
+    assert_same_adapter(windowed, every)

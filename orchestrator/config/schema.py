@@ -198,6 +198,12 @@ class TrainerConfig:
     """Seed for data order, eval split and dropout."""
     log_every: int = 1
     """Log metrics every N steps."""
+    sync_every_s: float = 1.0
+    """Longest wall time, in seconds, between two points where the workers agree on the losses of
+    the steps since the last one, check them, log them and look for a stop request. Steps in
+    between run without waiting for the device or for each other, so a bad loss or a stop request
+    is seen at most this much (plus one step) later; saves, evaluations and the last step always
+    sync first. 0 syncs after every step."""
     save_every: int = 0
     """Save an adapter checkpoint every N steps; 0 saves only the final adapter."""
     eval_every: int = 0
@@ -220,6 +226,9 @@ class TrainerConfig:
     """Memory of one worker's device for that check and for `orchestrator plan`, e.g. 24GiB or
     80GB; None: this node's GPU (cluster.use_gpu=true) or the host memory divided among the
     workers of a local run. Set it for a cluster whose GPUs this node cannot see."""
+    compile: bool = False
+    """torch.compile each decoder layer (strategies single, ddp and fsdp). The first steps pay for
+    the compilation; bench/throughput.py measures whether later ones gain."""
     peak_tflops: float | None = None
     """Peak dense TFLOP/s of one worker's device, the denominator of the `mfu` metric. None looks
     it up for known GPUs (bf16/fp16 tensor-core rate, TF32 for fp32) and measures a matmul on CPU;

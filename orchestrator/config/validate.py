@@ -125,6 +125,12 @@ def _static_checks(run: RunConfig, skip_resume: bool = False) -> list[str]:
     )
     need(t.epochs >= 1, f"trainer.epochs: must be >= 1, got {t.epochs}")
     need(t.log_every >= 1, f"trainer.log_every: must be >= 1, got {t.log_every}")
+    need(t.sync_every_s >= 0, f"trainer.sync_every_s: must be >= 0 seconds (0: after every step), got {t.sync_every_s}")
+    need(
+        not t.compile or run.strategy.name not in ZERO_STAGES,
+        f"trainer.compile: not supported with strategy={run.strategy.name} (DeepSpeed's hooks around each layer); "
+        "use strategy=single, ddp or fsdp, or trainer.compile=false",
+    )
     need(
         t.loss_chunk_tokens >= 0,
         f"trainer.loss_chunk_tokens: must be >= 0 (0: full logits), got {t.loss_chunk_tokens}",
