@@ -1,9 +1,9 @@
 """No worker holds the whole base (issue 13, item 2): a 1.6 GB fp32 base loads and trains one step
-on two workers, under fsdp with the fp32 base and zero3 with it in NF4 (bench/sharded_loading.py
-measures all four pairs), while this process samples each worker's private
-memory (USS) from outside. Above the same run on the tiny demo model, a worker's peak while loading
-must stay under 0.65x the base's bytes: its half of the base plus about one layer (7% here), where
-loading the whole base first cost 1.24x (fsdp) and 2.17x (zero3).
+on two workers, under fsdp and zero3, each with the fp32 base and with it in NF4, while this
+process samples each worker's private memory (USS) from outside. Above the same run on the tiny
+demo model, a worker's peak while loading must stay under 0.65x the base's bytes: its half of the
+base plus about one layer (7% here), where loading the whole base first cost 1.24x (fsdp) and
+2.17x (zero3).
 
 Loading ends where rank 0 writes summary.json (after every worker has loaded: it follows a
 collective), and the sampler stops counting there. The training step's own peak is the
@@ -99,24 +99,18 @@ def big_base(demo_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_peak(demo_model, ray_local, tmp_path_factory):
-    """The same run on the tiny demo model: what a worker costs besides the base, per strategy."""
-    root = tmp_path_factory.mktemp("tiny-peak")
-    cache: dict[str, int] = {}
-
-    def get(strategy: str) -> int:
-        if strategy not in cache:
-            cache[strategy] = peak_uss(root / strategy, demo_model, f"strategy={strategy}", "quant=none")
-        return cache[strategy]
-
-    return get
+def tiny_peak(demo_model, ray_local, tmp_path_factory) -> int:
+    """The same run on the tiny demo model under fsdp: what a worker costs besides the base. One
+    baseline for all four runs (a tiny run costs half a minute of the suite): zero3's own is
+    larger (DeepSpeed's imports and engine), so against this one the zero3 runs are held to a
+    stricter bound than their own baseline would give."""
+    return peak_uss(tmp_path_factory.mktemp("tiny-peak") / "fsdp", demo_model, "strategy=fsdp", "quant=none")
 
 
-# Each strategy once and each dtype once: the four runs cost six minutes of the suite's fourteen.
-# bench/sharded_loading.py measures all four (bench/results/sharded-loading-cpu.json).
-@pytest.mark.parametrize("strategy, quant", [("fsdp", "none"), ("zero3", "nf4")])
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+@pytest.mark.parametrize("quant", ["none", "nf4"])
 def test_worker_never_holds_the_whole_base(big_base, tiny_peak, ray_local, tmp_path, strategy, quant):
     path, size = big_base
-    above = peak_uss(tmp_path / "big", path, f"strategy={strategy}", f"quant={quant}") - tiny_peak(strategy)
+    above = peak_uss(tmp_path / "big", path, f"strategy={strategy}", f"quant={quant}") - tiny_peak
     print(f"{strategy} {quant}: worker peak {above / 2**20:.0f} MiB above the tiny run = {above / size:.2f}x the base")
     assert above <= LIMIT * size, f"{strategy} {quant}: {above / size:.2f}x the base's {size} bytes"
