@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench bench-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,15 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/throughput.py
+
+# One GPU (issue 15): a Llama-3-8B shape with random weights built on the device, packed 2048-token
+# rows, LoRA r=16 on all linear layers, bf16 then NF4; HF Trainer + PEFT padding-free, the bare
+# loop and ours. Writes bench/results/throughput-gpu-llama3-8b-{none,nf4}.json.
+GPU_BENCH = --gpu --llama3 8b --seq 2048 --repeat 40 --global-batch 4 --steps 30 --warmup 5 --rounds 1 \
+	--strategies "" --variants hf-padding-free,bare,ours
+bench-gpu: setup
+	$(BIN)/python bench/throughput.py $(GPU_BENCH) --quant none
+	$(BIN)/python bench/throughput.py $(GPU_BENCH) --quant nf4
 
 clean:
 	rm -rf $(VENV) outputs multirun

@@ -153,6 +153,7 @@ def test_sweep_runs_in_parallel_as_ray_jobs(head, tmp_path):
         f"cluster.address={address}",
         f"storage_path={storage}",
         "name=sweep",
+        "tracking=none",
         "strategy=single",
         "cluster.num_workers=1",
         "trainer.max_steps=3",
