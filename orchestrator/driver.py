@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import logging
+import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -235,9 +238,11 @@ def _train_locked(run: RunConfig, rundir: RunDir, on_cluster: bool, resume_comma
         _ray_init(run, on_cluster, signals)
         check_cluster(run)
         preload.join()
-        trainer = _trainer(run, rundir)
+        own_ray = _own_ray()
+        trainer = _trainer(run, rundir, own_ray)
         try:
-            signals.run(trainer.fit)
+            with _environ(OWN_RAY_TRAIN_ENV if own_ray else {}):
+                signals.run(trainer.fit)
         except Exception as e:  # noqa: BLE001 - re-raised with the worker's own message
             cause = _root_cause(e)
             if signals.interrupted is None:
@@ -257,14 +262,70 @@ def _train_locked(run: RunConfig, rundir: RunDir, on_cluster: bool, resume_comma
     return rundir.adapter
 
 
-def _trainer(run: RunConfig, rundir: RunDir):  # noqa: ANN202 - TorchTrainer, imported here only
+OWN_RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
+"""For a Ray this process started: no cloud or autoscaler drains its one node, so the preemption
+watcher (an actor, a process of its own) would watch nothing; the metrics callbacks export to
+Prometheus through the dashboard, which it does not run."""
+
+
+def _own_ray() -> bool:
+    """Whether this process started the Ray it is connected to: a local instance that dies with it."""
+    try:
+        from ray._private import worker
+    except ImportError:
+        return False
+    node = getattr(worker, "_global_node", None)
+    return bool(getattr(node, "head", False))
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """These variables set for the duration (Ray Train hands them to its controller and workers),
+    unless the user set them already."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def _trainer_class(own_ray: bool):  # noqa: ANN202 - a TorchTrainer class, imported here only
+    """TorchTrainer; for a Ray this process started, without two Train v2 callbacks that have
+    nothing to do there and each start an actor, a process that imports Ray (with the variables
+    above, they delayed the first step on 2 cores by about 6 s, README):
+    - DatasetsCallback: a DatasetManager actor and Ray Data in every worker; we pass no datasets.
+    - PlacementGroupCleanerCallback: a detached actor that removes the placement group if the
+      controller dies on a cluster that outlives it; a local Ray dies with the driver, and it polls
+      the State API, which a Ray without the dashboard does not serve.
+    Through Ray Train's internals (pinned): a Ray without them keeps all of its callbacks."""
+    from ray.train.torch import TorchTrainer
+
+    if not own_ray:
+        return TorchTrainer
+    try:
+        from ray.train.v2._internal.callbacks import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:
+        return TorchTrainer
+    idle = (DatasetsCallback, PlacementGroupCleanerCallback)
+
+    class OwnRayTrainer(TorchTrainer):
+        def _create_default_callbacks(self):  # noqa: ANN202
+            return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, idle)]
+
+    return OwnRayTrainer
+
+
+def _trainer(run: RunConfig, rundir: RunDir, own_ray: bool):  # noqa: ANN202 - TorchTrainer, imported here only
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from orchestrator.train_loop import train_loop
 
     c = run.cluster
-    return TorchTrainer(
+    return _trainer_class(own_ray)(
         train_loop,
         train_loop_config={"run": as_dict(run)},
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
