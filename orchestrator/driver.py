@@ -292,14 +292,17 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
 
 
 def _trainer_class(own_ray: bool):  # noqa: ANN202 - a TorchTrainer class, imported here only
-    """TorchTrainer; for a Ray this process started, without two Train v2 callbacks that have
-    nothing to do there and each start an actor, a process that imports Ray (with the variables
-    above, they delayed the first step on 2 cores by about 6 s, README):
+    """TorchTrainer; for a Ray this process started, without the Train v2 parts that have nothing
+    to do there and each start an actor, a process that imports Ray (with the variables above,
+    they delayed the first step on 2 cores by about 7 s, README):
     - DatasetsCallback: a DatasetManager actor and Ray Data in every worker; we pass no datasets.
     - PlacementGroupCleanerCallback: a detached actor that removes the placement group if the
       controller dies on a cluster that outlives it; a local Ray dies with the driver, and it polls
       the State API, which a Ray without the dashboard does not serve.
-    Through Ray Train's internals (pinned): a Ray without them keeps all of its callbacks."""
+    - The fixed scaling policy's resource requests: they go to Ray Data's autoscaling coordinator,
+      an actor the controller creates and then waits for (up to 5 s, and on a loaded machine it
+      times out and prints a traceback), for an autoscaler a local Ray does not have.
+    Through Ray Train's internals (pinned): a Ray without them keeps all of its parts."""
     from ray.train.torch import TorchTrainer
 
     if not own_ray:
@@ -307,13 +310,29 @@ def _trainer_class(own_ray: bool):  # noqa: ANN202 - a TorchTrainer class, impor
     try:
         from ray.train.v2._internal.callbacks import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+        from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
     except ImportError:
         return TorchTrainer
     idle = (DatasetsCallback, PlacementGroupCleanerCallback)
 
+    class UnrequestedScalingPolicy(FixedScalingPolicy):
+        def after_controller_start(self, train_run_context) -> None:  # noqa: ANN001
+            pass
+
+        def _maybe_send_resource_request(self) -> None:
+            pass
+
+        def _cancel_resource_request(self) -> None:
+            pass
+
     class OwnRayTrainer(TorchTrainer):
         def _create_default_callbacks(self):  # noqa: ANN202
             return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, idle)]
+
+        def _initialize_and_run_controller(self, **kwargs):  # noqa: ANN202, ANN003
+            if type(kwargs.get("scaling_policy")) is FixedScalingPolicy:
+                kwargs["scaling_policy"] = UnrequestedScalingPolicy(self.scaling_config)
+            return super()._initialize_and_run_controller(**kwargs)
 
     return OwnRayTrainer
 
