@@ -238,11 +238,9 @@ def _train_locked(run: RunConfig, rundir: RunDir, on_cluster: bool, resume_comma
         _ray_init(run, on_cluster, signals)
         check_cluster(run)
         preload.join()
-        own_ray = _own_ray()
-        trainer = _trainer(run, rundir, own_ray)
+        trainer = _trainer(run, rundir)
         try:
-            with _environ(OWN_RAY_TRAIN_ENV if own_ray else {}):
-                signals.run(trainer.fit)
+            signals.run(trainer.fit)
         except Exception as e:  # noqa: BLE001 - re-raised with the worker's own message
             cause = _root_cause(e)
             if signals.interrupted is None:
@@ -293,8 +291,8 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
 
 def _trainer_class(own_ray: bool):  # noqa: ANN202 - a TorchTrainer class, imported here only
     """TorchTrainer; for a Ray this process started, without the Train v2 parts that have nothing
-    to do there and each start an actor, a process that imports Ray (with the variables above,
-    they delayed the first step on 2 cores by about 7 s, README):
+    to do there and each start an actor, a process that imports Ray (with the variables above, set
+    while it runs, they delayed the first step on 2 cores by about 7 s, README):
     - DatasetsCallback: a DatasetManager actor and Ray Data in every worker; we pass no datasets.
     - PlacementGroupCleanerCallback: a detached actor that removes the placement group if the
       controller dies on a cluster that outlives it; a local Ray dies with the driver, and it polls
@@ -326,6 +324,10 @@ def _trainer_class(own_ray: bool):  # noqa: ANN202 - a TorchTrainer class, impor
             pass
 
     class OwnRayTrainer(TorchTrainer):
+        def fit(self):  # noqa: ANN202
+            with _environ(OWN_RAY_TRAIN_ENV):  # read here and handed to the controller and workers
+                return super().fit()
+
         def _create_default_callbacks(self):  # noqa: ANN202
             return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, idle)]
 
@@ -337,14 +339,14 @@ def _trainer_class(own_ray: bool):  # noqa: ANN202 - a TorchTrainer class, impor
     return OwnRayTrainer
 
 
-def _trainer(run: RunConfig, rundir: RunDir, own_ray: bool):  # noqa: ANN202 - TorchTrainer, imported here only
+def _trainer(run: RunConfig, rundir: RunDir):  # noqa: ANN202 - TorchTrainer, imported here only
     import ray.train
     from ray.train.torch import TorchConfig
 
     from orchestrator.train_loop import train_loop
 
     c = run.cluster
-    return _trainer_class(own_ray)(
+    return _trainer_class(_own_ray())(
         train_loop,
         train_loop_config={"run": as_dict(run)},
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
