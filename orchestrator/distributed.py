@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 from dataclasses import dataclass
@@ -61,6 +62,28 @@ def current_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
     return _proc_status_bytes("VmRSS") or 0
+
+
+# glibc's mallopt parameter: the size from which a block is mapped on its own, and unmapped when freed.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def keep_freed_blocks_unmapped() -> None:
+    """Have glibc return freed blocks of 1 MiB and more to the OS from now on (a CPU worker whose
+    strategy gathers parameters every step calls it; see the README, "Memory planner").
+
+    By default glibc raises its mmap threshold each time a mapped block is freed (up to 32 MiB);
+    blocks under it then come from the heap and stay resident once freed, so a worker that
+    gathers and frees every layer each step grows far past what it holds, by a different amount
+    each run (bench/results/plan-calibration-cpu-glibc.json). A threshold the user set
+    (MALLOC_MMAP_THRESHOLD_) is left alone, and so is a libc that is not glibc."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):
+        pass
 
 
 def reset_peak_memory(device: torch.device) -> None:

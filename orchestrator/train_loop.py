@@ -23,7 +23,13 @@ from orchestrator.config.typed import to_typed
 from orchestrator.data import GlobalBatchSampler, collate, target_tokens
 from orchestrator.data.dataset import TokenizedRows, open_data
 from orchestrator.data.packing import PackedRows
-from orchestrator.distributed import Dist, current_memory_bytes, peak_memory_bytes, reset_peak_memory
+from orchestrator.distributed import (
+    Dist,
+    current_memory_bytes,
+    keep_freed_blocks_unmapped,
+    peak_memory_bytes,
+    reset_peak_memory,
+)
 from orchestrator.flops import FlopCounter, peak_flops
 from orchestrator.loss import LossFn, build_loss
 from orchestrator.model import fingerprint, load_model, load_tokenizer
@@ -34,6 +40,8 @@ from orchestrator.tracking import NullTracker, Tracker
 from orchestrator.train_state import Checkpointer
 
 log = logging.getLogger("orchestrator")
+# Strategies whose workers gather the base's layers and free them again every step.
+GATHERING = ("fsdp", "zero3", "zero3_offload")
 
 
 class TrainingDiverged(RuntimeError):
@@ -89,6 +97,8 @@ def setup(run: RunConfig) -> Job:
     """Data, base, adapter, strategy, optimizer and schedule, restored from the newest committed
     checkpoint when there is one."""
     d = Dist.current(run.cluster.use_gpu)
+    if d.device.type == "cpu" and d.world > 1 and run.strategy.name in GATHERING:
+        keep_freed_blocks_unmapped()
     reset_peak_memory(d.device)
     start_memory = current_memory_bytes(d.device)
     _quiet_non_zero_ranks(d.rank)
