@@ -4,6 +4,7 @@ been freed, smaller ones come from the heap and stay resident after they are fre
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -38,8 +39,6 @@ def released_mib(mode: str, env: dict | None = None) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_freed_blocks_go_back_to_the_os_only_when_asked():
-    import os
-
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
     assert released_mib("keep", env) < 20  # glibc's default: the freed 200 MiB stays resident
     assert released_mib("release", env) > 180
