@@ -116,6 +116,25 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+def predicted_and_measured(out: Path, monkeypatch) -> tuple[dict, dict, object]:
+    """The planner's load and steady-state peaks for a finished run (its config.yaml, with the
+    worker baseline the run logged) and the peaks its workers measured, and the plan itself."""
+    import yaml
+
+    from orchestrator.config import RunConfig, to_typed
+    from orchestrator.plan import CALIBRATION, make_plan
+
+    run = to_typed(yaml.safe_load((out / "config.yaml").read_text()), RunConfig)
+    rows = [m for m in read_metrics(out) if "steady_peak_memory_bytes" in m]
+    measured = {
+        "load": max(m["load_peak_memory_bytes"] for m in rows),
+        "steady": max(m["steady_peak_memory_bytes"] for m in rows),
+    }
+    monkeypatch.setitem(CALIBRATION, "cpu_worker_bytes", max(m["start_memory_bytes"] for m in rows))
+    p = make_plan(run, device_memory=2**40).plans[run.strategy.name]
+    return {"load": p.load_bytes, "steady": p.steady_bytes}, measured, p
+
+
 def train_losses(out: Path) -> list[float]:
     return [m["loss"] for m in read_metrics(out) if "loss" in m]
 

@@ -7,6 +7,7 @@ import json
 from typing import get_args, get_type_hints
 
 import pytest
+import torch
 
 from orchestrator.config.schema import ZERO_STAGES, RunConfig, StrategyConfig
 from orchestrator.config.validate import _deepspeed_json, _static
@@ -206,3 +207,44 @@ def test_compose_selects_the_zero_strategies(name, tmp_path):
     assert run.strategy.name == name
     assert run.strategy.offload is (name == "zero3_offload")
     assert _static(run) == []
+
+
+def test_zero3_4bit_matmul_reads_the_weight_zero_gathers_not_a_view_kept_from_forward(monkeypatch):
+    """ZeRO-3 releases a layer's gathered weight after its forward and gathers it again for its
+    backward. bitsandbytes' own 4-bit matmul keeps a view of the forward's storage for backward,
+    which kept every layer's gathered 4-bit weight resident until backward; ours must read the
+    parameter as it is at backward (here: released, then gathered again with other bytes, so a kept
+    view would give the old gradient), and otherwise compute exactly what bitsandbytes does."""
+    import bitsandbytes as bnb
+    from deepspeed.runtime.zero import ZeroParamStatus
+
+    from orchestrator.strategies.deepspeed import _release_4bit_weights_after_forward
+
+    monkeypatch.setattr(bnb, "matmul_4bit", bnb.matmul_4bit)  # the patch is process-wide: undone after
+    torch.manual_seed(0)
+
+    def layer(weight: torch.Tensor) -> bnb.nn.Linear4bit:
+        m = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32, quant_storage=torch.float32)
+        q = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", quant_storage=torch.float32)
+        m.weight = q.to("cpu")  # quantized here
+        return m
+
+    w, other = torch.randn(32, 64), torch.randn(32, 64)
+    x = torch.randn(3, 5, 64)
+    plain, zero = layer(w), layer(w)
+    regathered = layer(other).weight.data
+    xp, xz = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yp = plain(xp)
+    yp.sum().backward()
+
+    _release_4bit_weights_after_forward()
+    zero.weight.ds_id, zero.weight.ds_status = 0, ZeroParamStatus.AVAILABLE
+    yz = zero(xz)
+    zero.weight.data = torch.empty(0)  # released, as ZeRO does after the layer's forward
+    zero.weight.data = regathered  # gathered again before its backward
+    yz.sum().backward()
+
+    assert torch.equal(yz, yp)
+    expected = torch.ones_like(yz) @ bnb.functional.dequantize_4bit(regathered.view(-1, 1), zero.weight.quant_state)
+    assert torch.equal(xz.grad, expected)
+    assert not torch.equal(xz.grad, xp.grad)

@@ -21,8 +21,7 @@ import platform
 
 import pytest
 import torch
-import yaml
-from conftest import read_metrics
+from conftest import predicted_and_measured
 
 pytestmark = pytest.mark.slow
 
@@ -38,21 +37,6 @@ TRAINED = [
 ]
 REFERENCE = "fsdp"
 MAX_MACHINE_GAP = 256 * 2**20
-
-
-def predicted_and_measured(out, monkeypatch) -> tuple[dict, dict, object]:
-    from orchestrator.config import RunConfig, to_typed
-    from orchestrator.plan import CALIBRATION, make_plan
-
-    run = to_typed(yaml.safe_load((out / "config.yaml").read_text()), RunConfig)
-    rows = [m for m in read_metrics(out) if "steady_peak_memory_bytes" in m]
-    measured = {
-        "load": max(m["load_peak_memory_bytes"] for m in rows),
-        "steady": max(m["steady_peak_memory_bytes"] for m in rows),
-    }
-    monkeypatch.setitem(CALIBRATION, "cpu_worker_bytes", max(m["start_memory_bytes"] for m in rows))
-    p = make_plan(run, device_memory=2**40).plans[run.strategy.name]
-    return {"load": p.load_bytes, "steady": p.steady_bytes}, measured, p
 
 
 @pytest.mark.parametrize("case,strategy", TRAINED)

@@ -6,10 +6,9 @@ base plus about one layer (7% here), where loading the whole base first cost 1.2
 2.17x (zero3).
 
 Loading ends where rank 0 writes summary.json (after every worker has loaded: it follows a
-collective), and the sampler stops counting there. The training step's own peak is the
-steady-state figure the planner predicts and the calibration tests check. Sampled over the whole
-run, fsdp fp32 reaches 1.38x here, but 0.88x with MALLOC_MMAP_THRESHOLD_=1048576: half the base's
-bytes is glibc's heap keeping the layers FSDP gathered and freed (bench/sharded_loading.py)."""
+collective), and the sampler stops counting there. The training step's own peak (each worker's
+VmHWM over the step, in metrics.jsonl) must then be the planner's steady-state prediction within
+15%: shard, one gathered layer and the step's tensors, not every layer gathered at once."""
 
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ import threading
 
 import psutil
 import pytest
-from conftest import train
+from conftest import predicted_and_measured, train
 
 pytestmark = pytest.mark.slow
 
@@ -109,8 +108,12 @@ def tiny_peak(demo_model, ray_local, tmp_path_factory) -> int:
 
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
 @pytest.mark.parametrize("quant", ["none", "nf4"])
-def test_worker_never_holds_the_whole_base(big_base, tiny_peak, ray_local, tmp_path, strategy, quant):
+def test_worker_never_holds_the_whole_base(big_base, tiny_peak, ray_local, tmp_path, monkeypatch, strategy, quant):
     path, size = big_base
     above = peak_uss(tmp_path / "big", path, f"strategy={strategy}", f"quant={quant}") - tiny_peak
     print(f"{strategy} {quant}: worker peak {above / 2**20:.0f} MiB above the tiny run = {above / size:.2f}x the base")
     assert above <= LIMIT * size, f"{strategy} {quant}: {above / size:.2f}x the base's {size} bytes"
+    # The step holds its shard plus a gathered layer too, as the planner predicts (issue 13, item
+    # 5): ZeRO-3 once kept every layer's gathered weights until backward, 1.6x the prediction.
+    predicted, measured, _ = predicted_and_measured(tmp_path / "big", monkeypatch)
+    assert predicted["steady"] == pytest.approx(measured["steady"], rel=0.15), (predicted, measured)
