@@ -69,6 +69,16 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 1 << 20
 
 
+# Strategies whose workers gather the base's layers and free them again every step.
+GATHERING = ("fsdp", "zero3", "zero3_offload")
+
+
+def unmaps_freed_blocks(device: str, workers: int, strategy: str) -> bool:
+    """Whether such a worker calls keep_freed_blocks_unmapped (the planner counts less retained
+    activation memory for it)."""
+    return device == "cpu" and workers > 1 and strategy in GATHERING and "MALLOC_MMAP_THRESHOLD_" not in os.environ
+
+
 def keep_freed_blocks_unmapped() -> None:
     """Have glibc return freed blocks of 1 MiB and more to the OS from now on (a CPU worker whose
     strategy gathers parameters every step calls it; see the README, "Memory planner").

@@ -69,6 +69,9 @@ CALIBRATION: dict[str, float] = {
     # glibc keeps freed activation memory mapped (its mmap threshold grows with each freed block),
     # so a CPU worker's resident peak exceeds the live activations by this fraction of them.
     "cpu_allocator_slack": 1.0,
+    # The same where the worker has glibc unmap freed blocks of 1 MiB and more (fsdp and zero3 on
+    # 2+ CPU workers): only smaller blocks stay. Mid-size model: fsdp 0.40, zero3 0.7-1.25.
+    "cpu_allocator_slack_unmapped": 0.5,
     # The CUDA context (kernels, cuBLAS/cuDNN workspaces): outside torch's allocated bytes.
     "cuda_context_bytes": 600 * MiB,
     # Caching-allocator fragmentation, as a fraction of the activation peak.
@@ -242,8 +245,9 @@ def optimizer_state_bytes(numels: list[int], name: str) -> int:
     return total
 
 
-def activation_bytes(shape: Shape, run: RunConfig, tokens: int, device: str) -> dict[str, int]:
-    """Live activation bytes of one micro-batch of `tokens` tokens at its peak."""
+def activation_bytes(shape: Shape, run: RunConfig, tokens: int, device: str, unmapped: bool = False) -> dict[str, int]:
+    """Live activation bytes of one micro-batch of `tokens` tokens at its peak; `unmapped`: a CPU
+    worker whose freed blocks go back to the OS (distributed.unmaps_freed_blocks)."""
     dt = DTYPE_BYTES[run.model.dtype]
     c_h, c_i, c_kv = ACTIVATION_COEFFS[(4 if dt == 4 else 2, run.adapter.dropout > 0)]
     per_layer_token = (
@@ -271,7 +275,9 @@ def activation_bytes(shape: Shape, run: RunConfig, tokens: int, device: str) -> 
         out["logits and loss"] = tokens * shape.vocab * (dt + 12)
     if run.adapter.kind == "dora":
         out["DoRA weight norm (one weight)"] = 2 * shape.largest_adapted * 4
-    slack = CALIBRATION["cpu_allocator_slack"] if device == "cpu" else CALIBRATION["cuda_allocator_slack"]
+    slack = CALIBRATION["cuda_allocator_slack"]
+    if device == "cpu":
+        slack = CALIBRATION["cpu_allocator_slack_unmapped" if unmapped else "cpu_allocator_slack"]
     out["allocator slack"] = int(slack * sum(out.values()))
     return out
 
@@ -466,7 +472,9 @@ def strategy_plan(shape: Shape, run: RunConfig, strategy: str, device: str, toke
                 Item("all-gather bucket", min(run.strategy.allgather_bucket_size, A) * dt, "after the step")
             )
 
-    acts = activation_bytes(shape, run, seq, device)
+    from orchestrator.distributed import unmaps_freed_blocks
+
+    acts = activation_bytes(shape, run, seq, device, unmaps_freed_blocks(device, n, strategy))
     compute = [Item(f"activations: {k}", v) for k, v in acts.items()]
     layer = _layer_bytes(shape, run)
     if strategy == "fsdp" and n > 1:
@@ -476,8 +484,18 @@ def strategy_plan(shape: Shape, run: RunConfig, strategy: str, device: str, toke
             full = _base_shard(shape, run, "single", 1)
             compute.append(Item("gathered layers (reshard_after_forward=false)", full - steady[1].bytes))
     elif stage == 3:
-        prefetch = min(run.strategy.prefetch_bucket_size * dt, _base_shard(shape, run, "single", 1))
-        compute.append(Item("gathered layer + prefetch bucket", layer + prefetch, "strategy.prefetch_bucket_size"))
+        # From the second step on (the first traces the module order) ZeRO-3 releases a gathered
+        # parameter only once more than max_live_parameters elements are live: a base under that
+        # bound stays gathered whole (mid-size model: +510 MiB from step 2, measured).
+        full = _base_shard(shape, run, "single", 1)
+        prefetch = min(run.strategy.prefetch_bucket_size * dt, full)
+        live = run.strategy.max_live_parameters * dt
+        gathered = min(max(layer + prefetch, live + layer), full)
+        compute.append(
+            Item(
+                "gathered parameters (live + one layer)", gathered, "strategy.max_live_parameters, prefetch_bucket_size"
+            )
+        )
     if device == "cpu":
         compute.append(Item("first-step buffers", int(CALIBRATION["cpu_first_step_bytes"])))
     # Activations and the step's buffers are never live together: the step runs after backward.

@@ -29,6 +29,7 @@ from orchestrator.distributed import (
     keep_freed_blocks_unmapped,
     peak_memory_bytes,
     reset_peak_memory,
+    unmaps_freed_blocks,
 )
 from orchestrator.flops import FlopCounter, peak_flops
 from orchestrator.loss import LossFn, build_loss
@@ -40,8 +41,6 @@ from orchestrator.tracking import NullTracker, Tracker
 from orchestrator.train_state import Checkpointer
 
 log = logging.getLogger("orchestrator")
-# Strategies whose workers gather the base's layers and free them again every step.
-GATHERING = ("fsdp", "zero3", "zero3_offload")
 
 
 class TrainingDiverged(RuntimeError):
@@ -97,7 +96,7 @@ def setup(run: RunConfig) -> Job:
     """Data, base, adapter, strategy, optimizer and schedule, restored from the newest committed
     checkpoint when there is one."""
     d = Dist.current(run.cluster.use_gpu)
-    if d.device.type == "cpu" and d.world > 1 and run.strategy.name in GATHERING:
+    if unmaps_freed_blocks(d.device.type, d.world, run.strategy.name):
         keep_freed_blocks_unmapped()
     reset_peak_memory(d.device)
     start_memory = current_memory_bytes(d.device)

@@ -116,15 +116,18 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-def predicted_and_measured(out: Path, monkeypatch) -> tuple[dict, dict, object]:
+def predicted_and_measured(out: Path, monkeypatch, **strategy) -> tuple[dict, dict, object]:
     """The planner's load and steady-state peaks for a finished run (its config.yaml, with the
-    worker baseline the run logged) and the peaks its workers measured, and the plan itself."""
+    worker baseline the run logged, and `strategy` fields changed) and the peaks its workers
+    measured, and the plan itself."""
     import yaml
 
     from orchestrator.config import RunConfig, to_typed
     from orchestrator.plan import CALIBRATION, make_plan
 
     run = to_typed(yaml.safe_load((out / "config.yaml").read_text()), RunConfig)
+    for k, v in strategy.items():
+        setattr(run.strategy, k, v)
     rows = [m for m in read_metrics(out) if "steady_peak_memory_bytes" in m]
     measured = {
         "load": max(m["load_peak_memory_bytes"] for m in rows),

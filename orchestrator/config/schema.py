@@ -91,6 +91,10 @@ class StrategyConfig:
     """DeepSpeed zero2: elements per parameter all-gather bucket after the step."""
     prefetch_bucket_size: int = 50_000_000
     """DeepSpeed zero3: elements of parameters prefetched ahead of use (stage3_prefetch_bucket_size)."""
+    max_live_parameters: int = 1_000_000_000
+    """DeepSpeed zero3: elements of gathered parameters kept between uses once the first step has
+    traced the module order (stage3_max_live_parameters; DeepSpeed's default). A base under this
+    stays gathered whole from the second step on; lower it to trade all-gather overlap for memory."""
     param_persistence_threshold: int = 100_000
     """DeepSpeed zero3: parameters with fewer elements stay whole on every worker
     (stage3_param_persistence_threshold); 0 partitions everything."""

@@ -319,7 +319,7 @@ def _deepspeed_static(run: RunConfig) -> list[str]:
             f"strategy.shard_optimizer=false with strategy={s.name}: DeepSpeed always partitions the optimizer state; "
             "drop the override, or use strategy=ddp or strategy=fsdp to keep it whole on every worker"
         )
-    for f in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size"):
+    for f in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size", "max_live_parameters"):
         if getattr(s, f) < 1:
             p.append(f"strategy.{f}: must be >= 1 element, got {getattr(s, f)}")
     if s.param_persistence_threshold < 0:

@@ -89,6 +89,7 @@ def build_ds_config(
         zero["allgather_bucket_size"] = int(cfg.allgather_bucket_size)
     else:
         zero["stage3_prefetch_bucket_size"] = int(cfg.prefetch_bucket_size)
+        zero["stage3_max_live_parameters"] = int(cfg.max_live_parameters)
         zero["stage3_param_persistence_threshold"] = int(cfg.param_persistence_threshold)
     if cfg.offload or cfg.name == "zero3_offload":
         zero["offload_optimizer"] = {"device": "cpu"}
