@@ -74,8 +74,8 @@ GATHERING = ("fsdp", "zero3", "zero3_offload")
 
 
 def unmaps_freed_blocks(device: str, workers: int, strategy: str) -> bool:
-    """Whether such a worker calls keep_freed_blocks_unmapped (the planner counts less retained
-    activation memory for it)."""
+    """Whether a worker on `device` among `workers` under `strategy` calls keep_freed_blocks_unmapped
+    (train_loop.setup; the planner counts less retained activation memory for it)."""
     return device == "cpu" and workers > 1 and strategy in GATHERING and "MALLOC_MMAP_THRESHOLD_" not in os.environ
 
 

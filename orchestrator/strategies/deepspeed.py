@@ -247,15 +247,14 @@ class DeepSpeedStrategy:
             import deepspeed
 
             _init_deepspeed_dist()
-            # zero.Init with module= partitions every parameter of the module, the adapter's too, and
-            # patches F.linear; DeepSpeed's own conversion of a parameter list does only the former.
+            # zero.Init with module= would partition the adapter too; converting a parameter list
+            # partitions only the frozen base, but leaves F.linear unpatched, so it is patched here.
             self._partitioner = deepspeed.zero.Init(config_dict_or_path=self.ds_config())
             if self._partitioner.mem_efficient_linear:
                 # torch's F.linear saves weight.t() for backward, a view that keeps the gathered
                 # weight alive after ZeRO releases the parameter: every layer's gathered weights
                 # stayed resident until backward, the whole base (measured: 1.3 of 1.5 GiB).
-                # DeepSpeed's linear saves the parameter itself and gathers it again in backward;
-                # zero.Init installs it only inside its context or for module=.
+                # DeepSpeed's linear saves the parameter itself and gathers it again in backward.
                 self._partitioner._enable_mem_efficient_linear()
                 if self.quant_kind == "nf4":
                     _release_4bit_weights_after_forward()
