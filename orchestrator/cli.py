@@ -159,6 +159,7 @@ class TrainCommand:
             run = resolve(cfg)
             demo.localise(run)
             _refuse_if_in_use(run)
+            driver.start_ray_early(run)
             validate(run)
         except ConfigError as e:
             raise ConfigError(self.problems + e.problems) from None

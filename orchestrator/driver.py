@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import logging
 import os
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from omegaconf import OmegaConf
 
 from orchestrator import ray_logs
 from orchestrator.config.schema import RunConfig, as_dict, flatten
-from orchestrator.interrupt import Interrupted, StopSignals, interrupted_message
+from orchestrator.interrupt import HANDLED, Interrupted, StopSignals, interrupted_message, ray_processes_apart
 from orchestrator.rundir import RunDir
 
 log = logging.getLogger("orchestrator")
@@ -94,6 +95,9 @@ def prepare_output_dir(run: RunConfig) -> bool:
     return True
 
 
+OWN_RAY_SYSTEM_CONFIG = {"worker_niceness": 0, "enable_worker_prestart": False, "prestart_worker_first_driver": False}
+
+
 class Preempted(RuntimeError):
     """The run committed a checkpoint after a preemption warning and stopped; resubmit to resume."""
 
@@ -101,22 +105,77 @@ class Preempted(RuntimeError):
 def _ray_init(run: RunConfig, on_cluster: bool, signals: StopSignals) -> None:
     import ray
 
-    if ray.is_initialized():
+    early = _early_ray
+    if early is None and ray.is_initialized():
         return
     # The Ray started here lives in a session of its own: a signal to our process group is ours.
     with signals.starting_ray(own_session=not on_cluster):
-        if on_cluster:
-            ray_logs.init_quietly(
-                lambda: ray.init(address="auto")
-            )  # RAY_ADDRESS, set by the Ray Job or the Slurm script
-        else:
-            # "local" keeps a single-machine run off any `ray start` cluster that happens to run here.
-            # Ray starts its workers at nice 15 by default: the training worker would yield its
-            # cores to anything else on the machine, the driver and the Ray daemons included.
-            own = {} if run.cluster.address else {"_system_config": {"worker_niceness": 0}}
-            ray_logs.init_quietly(
-                lambda: ray.init(address=run.cluster.address or "local", include_dashboard=False, **own)
-            )
+        if early is not None:
+            early.wait()
+        if not ray.is_initialized():
+            _connect(run, on_cluster)
+
+
+def _connect(run: RunConfig, on_cluster: bool) -> None:
+    import ray
+
+    if on_cluster:
+        ray_logs.init_quietly(lambda: ray.init(address="auto"))  # RAY_ADDRESS, set by the Ray Job or the Slurm script
+        return
+    # "local" keeps a single-machine run off any `ray start` cluster that happens to run here.
+    # Ray starts its workers at nice 15 by default: the training worker would yield its cores to
+    # anything else on the machine, the driver and the Ray daemons included. It also starts one
+    # idle worker per CPU for tasks this driver never submits (Ray Train's actors start processes
+    # of their own): each imports Ray, 0.5 CPU-s, while the run starts.
+    own = {} if run.cluster.address else {"_system_config": OWN_RAY_SYSTEM_CONFIG}
+    ray_logs.init_quietly(lambda: ray.init(address=run.cluster.address or "local", include_dashboard=False, **own))
+
+
+class EarlyRay(threading.Thread):
+    """A local run's ray.init and Ray Train's import, begun while the command still validates the
+    run (start_ray_early): ray.init mostly waits seconds for Ray's daemons to come up, which
+    validation spends on the other core. If validation fails, the command exits and Ray with it.
+
+    Once Ray is up the thread stays, parked: Ray starts its daemons with PR_SET_PDEATHSIG, which
+    the kernel sends when the *thread* that started them ends, not the process."""
+
+    def __init__(self, run: RunConfig) -> None:
+        super().__init__(name="ray.init", daemon=True)
+        self.config = run
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        # Ray's threads inherit this thread's mask: signals stay the main thread's (interrupt.py).
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        try:
+            with ray_processes_apart(own_session=True):
+                _connect(self.config, on_cluster=False)
+            importlib.import_module("ray.train.torch")
+        except BaseException as e:  # noqa: BLE001 - raised where the run waits for Ray
+            self.error = e
+        finally:
+            self.ready.set()
+        threading.Event().wait()
+
+    def wait(self) -> None:
+        self.ready.wait()
+        if self.error is not None:
+            raise self.error
+
+
+_early_ray: EarlyRay | None = None
+
+
+def start_ray_early(run: RunConfig) -> None:
+    """For a run on this machine's Ray: start it now, in the background (EarlyRay); train() waits
+    for it. Once per process."""
+    global _early_ray
+    import ray
+
+    if _early_ray is None and run.cluster.kind == "local" and not ray.is_initialized():
+        _early_ray = EarlyRay(run)
+        _early_ray.start()
 
 
 def _per_worker(run: RunConfig) -> dict[str, float]:
@@ -260,10 +319,16 @@ def _train_locked(run: RunConfig, rundir: RunDir, on_cluster: bool, resume_comma
     return rundir.adapter
 
 
-OWN_RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
+OWN_RAY_TRAIN_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
 """For a Ray this process started: no cloud or autoscaler drains its one node, so the preemption
 watcher (an actor, a process of its own) would watch nothing; the metrics callbacks export to
-Prometheus through the dashboard, which it does not run."""
+Prometheus through the dashboard, which it does not run. The controller looks at its workers
+every 2 s by default, so a run ended up to 2 s after its workers did; on one node a look costs
+a few milliseconds."""
 
 
 def _own_ray() -> bool:

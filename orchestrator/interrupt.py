@@ -172,44 +172,16 @@ class StopSignals:
     @contextlib.contextmanager
     def starting_ray(self, own_session: bool) -> Iterator[None]:
         """Around ray.init. It sets a SIGTERM handler that calls sys.exit (kept out here), and
-        Ray's C++ core worker one that dumps a stack trace and aborts (exit 134). Meanwhile the
-        handled signals are blocked in the main thread: one sent now waits until ours are set
-        again (unless a thread started earlier takes it), and the threads Ray starts inherit the
-        block, so that later signals reach the main thread.
-        With own_session, the processes of the Ray started here (GCS, raylet and, through the
-        raylet, the workers) live in a session of their own, out of reach of signals to the
-        command's process group; they still die with the driver (Ray's kernel fate-sharing,
-        PR_SET_PDEATHSIG). Through Ray internals: a Ray without them keeps its own behaviour."""
-        patches = []
-        try:
-            from ray._private import services, utils
-
-            class Popen(services.ConsolePopen):
-                def __init__(self, *args: Any, **kwargs: Any) -> None:
-                    if own_session:
-                        kwargs.setdefault("start_new_session", True)
-                    inner = kwargs.get("preexec_fn")
-
-                    def preexec() -> None:  # the child starts with our signals as they were
-                        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
-                        if inner is not None:
-                            inner()
-
-                    kwargs["preexec_fn"] = preexec
-                    super().__init__(*args, **kwargs)
-
-            patches = [(utils, "set_sigterm_handler", lambda handler: None), (services, "ConsolePopen", Popen)]
-        except (ImportError, AttributeError):
-            pass
-        saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
-        for module, name, value in patches:
-            setattr(module, name, value)
+        Ray's C++ core worker one that dumps a stack trace and aborts (exit 134): ours are set
+        again afterwards. Meanwhile the handled signals are blocked in the main thread: one sent
+        now waits until ours are set again (unless a thread started earlier takes it), and the
+        threads Ray starts inherit the block, so that later signals reach the main thread. See
+        ray_processes_apart for own_session."""
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED) if self.active else None
         try:
-            yield
+            with ray_processes_apart(own_session):
+                yield
         finally:
-            for module, name, value in saved:
-                setattr(module, name, value)
             self.install()
             if mask is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -238,6 +210,45 @@ class StopSignals:
             thread.join(0.5)
         if failure:
             raise failure[0]
+
+
+@contextlib.contextmanager
+def ray_processes_apart(own_session: bool) -> Iterator[None]:
+    """Around ray.init: Ray's own SIGTERM handler is not set, and the processes Ray starts begin
+    with our signals unblocked. With own_session, the processes of the Ray started here (GCS,
+    raylet and, through the raylet, the workers) live in a session of their own, out of reach of
+    signals to the command's process group; they still die with the driver (Ray's kernel
+    fate-sharing, PR_SET_PDEATHSIG). Through Ray internals: a Ray without them keeps its own
+    behaviour."""
+    patches = []
+    try:
+        from ray._private import services, utils
+
+        class Popen(services.ConsolePopen):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                if own_session:
+                    kwargs.setdefault("start_new_session", True)
+                inner = kwargs.get("preexec_fn")
+
+                def preexec() -> None:  # the child starts with our signals as they were
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+                    if inner is not None:
+                        inner()
+
+                kwargs["preexec_fn"] = preexec
+                super().__init__(*args, **kwargs)
+
+        patches = [(utils, "set_sigterm_handler", lambda handler: None), (services, "ConsolePopen", Popen)]
+    except (ImportError, AttributeError):
+        pass
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    for module, name, value in patches:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
 
 
 def kill_descendants() -> None:

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from orchestrator.config.schema import RunConfig, TrackingConfig, as_dict
@@ -84,13 +85,29 @@ def _wandb_run(cfg: TrackingConfig, run: RunConfig, rundir: RunDir):
 
 
 class Tracker:
-    def __init__(self, run: RunConfig, total_steps: int, start_step: int = 0):
-        rundir = RunDir(Path(run.output_dir))
-        self.metrics = rundir.metrics.open("a", encoding="utf-8")
-        self.summary_file, self.summaries = rundir.summary, {}
-        self.bar = _progress_bar(total_steps, start_step)
+    """Rank 0's metrics. W&B starts when the worker does, in a thread of its own: wandb.init takes
+    a second or two (its service process, the run files), which the worker spends loading the
+    base instead. The bar and metrics.jsonl open once the run's steps are known (open())."""
+
+    def __init__(self, run: RunConfig):
+        self.rundir = RunDir(Path(run.output_dir))
+        self.summary_file, self.summaries = self.rundir.summary, {}
         self.newest: dict | None = None
-        self.wandb = _wandb_run(run.tracking, run, rundir) if run.tracking.backend == "wandb" else None
+        self.metrics = self.bar = None
+        self._wandb = None
+        if run.tracking.backend == "wandb":
+            self._wandb = ThreadPoolExecutor(1, thread_name_prefix="wandb.init").submit(
+                _wandb_run, run.tracking, run, self.rundir
+            )
+
+    @property
+    def wandb(self):  # noqa: ANN201 - a wandb Run, imported in its thread only
+        return None if self._wandb is None else self._wandb.result()
+
+    def open(self, total_steps: int, start_step: int = 0) -> None:
+        """After the checkpoint's metrics were trimmed (Checkpointer.trim_metrics rewrites the file)."""
+        self.metrics = self.rundir.metrics.open("a", encoding="utf-8")
+        self.bar = _progress_bar(total_steps, start_step)
 
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}}
@@ -123,13 +140,17 @@ class Tracker:
             self.wandb.summary.update(values)
 
     def finish(self, failed: bool = False) -> None:
-        self.bar.close()
-        self.metrics.close()
-        if self.wandb is not None:
-            self.wandb.finish(exit_code=1 if failed else 0)
+        """Also after a setup that failed before open(): the W&B run ends as failed."""
+        if self.bar is not None:
+            self.bar.close()
+            self.metrics.close()
+        if self._wandb is None or (failed and self._wandb.exception() is not None):
+            return  # a W&B that failed to start: the run's own error is the one to see
+        self.wandb.finish(exit_code=1 if failed else 0)
 
 
 class NullTracker:
+    def open(self, total_steps: int, start_step: int = 0) -> None: ...
     def log(self, step: int, metrics: dict) -> None: ...
     def advance(self, n: int = 1) -> None: ...
     def summary(self, values: dict) -> None: ...

@@ -82,20 +82,22 @@ class Job:
 
 def train_loop(config: dict) -> None:
     """Ray Train's per-worker function."""
-    job = setup(to_typed(config["run"], RunConfig))
+    run = to_typed(config["run"], RunConfig)
+    d = Dist.current(run.cluster.use_gpu)
+    tracker = Tracker(run) if d.is_main else NullTracker()  # W&B starts while the worker loads
     failed = True
     try:
+        job = setup(run, d, tracker)
         if run_steps(job):
             finish(job)
         failed = False
     finally:
-        job.tracker.finish(failed)
+        tracker.finish(failed)
 
 
-def setup(run: RunConfig) -> Job:
+def setup(run: RunConfig, d: Dist, tracker: Tracker | NullTracker) -> Job:
     """Data, base, adapter, strategy, optimizer and schedule, restored from the newest committed
     checkpoint when there is one."""
-    d = Dist.current(run.cluster.use_gpu)
     if unmaps_freed_blocks(d.device.type, d.world, run.strategy.name):
         keep_freed_blocks_unmapped()
     reset_peak_memory(d.device)
@@ -134,7 +136,7 @@ def setup(run: RunConfig) -> Job:
     memory = {"start_memory_bytes": d.max(start_memory), "load_peak_memory_bytes": d.max(peak_memory_bytes(d.device))}
     reset_peak_memory(d.device)  # from here on the peak is the steps' own (steady state)
 
-    tracker = Tracker(run, steps, start) if d.is_main else NullTracker()
+    tracker.open(steps, start)
     peak, peak_source = peak_flops(d.device, run.model.dtype, run.trainer.peak_tflops) if d.is_main else (0.0, "")
     log.info(
         "trainable params: %d of %d (%.3f%%) | strategy=%s workers=%d (%d threads each) | base bytes per worker: "
