@@ -69,19 +69,18 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 1 << 20
 
 
-# Strategies whose workers gather the base's layers and free them again every step.
-GATHERING = ("fsdp", "zero3", "zero3_offload")
-
-
-def unmaps_freed_blocks(device: str, workers: int, strategy: str) -> bool:
-    """Whether a worker on `device` among `workers` under `strategy` calls keep_freed_blocks_unmapped
-    (train_loop.setup; the planner counts less retained activation memory for it)."""
-    return device == "cpu" and workers > 1 and strategy in GATHERING and "MALLOC_MMAP_THRESHOLD_" not in os.environ
+def unmaps_freed_blocks(device: str, workers: int) -> bool:
+    """Whether a worker on `device` among `workers` calls keep_freed_blocks_unmapped and returns
+    its free heap pages after each step (train_loop.setup; the planner counts less retained
+    activation memory for it): CPU workers of a distributed run, whose memory the planner's
+    figures are for. A single local worker keeps glibc's defaults: its steps are the throughput
+    benchmark's, and page faults on every large block cost it up to 15% there (README)."""
+    return device == "cpu" and workers > 1 and "MALLOC_MMAP_THRESHOLD_" not in os.environ
 
 
 def keep_freed_blocks_unmapped() -> None:
-    """Have glibc return freed blocks of 1 MiB and more to the OS from now on (a CPU worker whose
-    strategy gathers parameters every step calls it; see the README, "Memory planner").
+    """Have glibc return freed blocks of 1 MiB and more to the OS from now on (a CPU worker of a
+    distributed run calls it; see the README, "Memory planner").
 
     By default glibc raises its mmap threshold each time a mapped block is freed (up to 32 MiB);
     blocks under it then come from the heap and stay resident once freed, so a worker that
@@ -92,6 +91,18 @@ def keep_freed_blocks_unmapped() -> None:
         return
     try:
         ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):
+        pass
+
+
+def release_freed_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim), after each step of a worker
+    that keeps freed blocks unmapped: blocks under the 1 MiB threshold (a short sequence's
+    activations and their gradients) come from the heap, and the holes they leave between blocks
+    still in use stay resident, so the next step's peak began a step's worth of them higher (the
+    1.6 GB base under zero3: 250 MiB). A few milliseconds a step; nothing on other libcs."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
 

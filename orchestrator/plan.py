@@ -474,7 +474,7 @@ def strategy_plan(shape: Shape, run: RunConfig, strategy: str, device: str, toke
 
     from orchestrator.distributed import unmaps_freed_blocks
 
-    acts = activation_bytes(shape, run, seq, device, unmaps_freed_blocks(device, n, strategy))
+    acts = activation_bytes(shape, run, seq, device, unmaps_freed_blocks(device, n))
     compute = [Item(f"activations: {k}", v) for k, v in acts.items()]
     layer = _layer_bytes(shape, run)
     if strategy == "fsdp" and n > 1:
@@ -484,9 +484,12 @@ def strategy_plan(shape: Shape, run: RunConfig, strategy: str, device: str, toke
             full = _base_shard(shape, run, "single", 1)
             compute.append(Item("gathered layers (reshard_after_forward=false)", full - steady[1].bytes))
     elif stage == 3:
-        # From the second step on (the first traces the module order) ZeRO-3 releases a gathered
-        # parameter only once more than max_live_parameters elements are live: a base under that
-        # bound stays gathered whole (mid-size model: +510 MiB from step 2, measured).
+        # From the second step on (the first traces the module order) ZeRO-3 prefetches ahead of
+        # use, a bucket at a time, until max_live_parameters elements are gathered: a base under
+        # that bound stays gathered whole (the 1.6 GB test base: all 397M of its parameters from
+        # the first layer of step 2 on, logged at DeepSpeed's fetches). A prefetch bucket is
+        # gathered into one flat buffer and then copied out parameter by parameter, so while it
+        # lands both copies are live.
         full = _base_shard(shape, run, "single", 1)
         prefetch = min(run.strategy.prefetch_bucket_size * dt, full)
         live = run.strategy.max_live_parameters * dt
@@ -496,6 +499,8 @@ def strategy_plan(shape: Shape, run: RunConfig, strategy: str, device: str, toke
                 "gathered parameters (live + one layer)", gathered, "strategy.max_live_parameters, prefetch_bucket_size"
             )
         )
+        if live and prefetch:
+            compute.append(Item("prefetch bucket landing (flat buffer)", prefetch, "strategy.prefetch_bucket_size"))
     if device == "cpu":
         compute.append(Item("first-step buffers", int(CALIBRATION["cpu_first_step_bytes"])))
     # Activations and the step's buffers are never live together: the step runs after backward.

@@ -28,6 +28,7 @@ from orchestrator.distributed import (
     current_memory_bytes,
     keep_freed_blocks_unmapped,
     peak_memory_bytes,
+    release_freed_heap,
     reset_peak_memory,
     unmaps_freed_blocks,
 )
@@ -78,6 +79,9 @@ class Job:
     memory: dict[str, float] = field(default_factory=dict)
     """start_memory_bytes (held when setup began) and load_peak_memory_bytes (the peak of setup),
     the largest over workers: what the planner's load figures are calibrated against."""
+    frees_memory: bool = False
+    """A CPU worker of a distributed run: the heap's free pages go back after each step
+    (distributed.release_freed_heap)."""
 
 
 def train_loop(config: dict) -> None:
@@ -98,7 +102,8 @@ def train_loop(config: dict) -> None:
 def setup(run: RunConfig, d: Dist, tracker: Tracker | NullTracker) -> Job:
     """Data, base, adapter, strategy, optimizer and schedule, restored from the newest committed
     checkpoint when there is one."""
-    if unmaps_freed_blocks(d.device.type, d.world, run.strategy.name):
+    frees_memory = unmaps_freed_blocks(d.device.type, d.world)
+    if frees_memory:
         keep_freed_blocks_unmapped()
     reset_peak_memory(d.device)
     start_memory = current_memory_bytes(d.device)
@@ -183,6 +188,7 @@ def setup(run: RunConfig, d: Dist, tracker: Tracker | NullTracker) -> Job:
         flops,
         peak,
         memory=memory,
+        frees_memory=frees_memory,
     )
 
 
@@ -204,6 +210,8 @@ def run_steps(job: Job) -> bool:
             job.strategy.backward(micro_loss)
             loss += micro_loss.detach().float()
         grad_norm = job.strategy.optimizer_step(job.optimizer, job.run.optim.max_grad_norm)
+        if job.frees_memory:
+            release_freed_heap()
         if step == job.start:
             report_optimizer_bytes(job)
         pending.append(Pending(step + 1, loss, grad_norm, job.scheduler.get_last_lr()[0], n_target, lengths))
