@@ -153,13 +153,14 @@ class TrainCommand:
 
     def _train(self, cfg: Any) -> float | None:
         from orchestrator import demo, driver
-        from orchestrator.config import ConfigError, resolve, validate
+        from orchestrator.config import ConfigError, resolve, static_problems, validate
 
         try:
             run = resolve(cfg)
             demo.localise(run)
             _refuse_if_in_use(run)
-            driver.start_ray_early(run)
+            if not (self.problems or static_problems(run)):
+                driver.start_ray_early(run)  # while validation looks at the model and the data
             validate(run)
         except ConfigError as e:
             raise ConfigError(self.problems + e.problems) from None

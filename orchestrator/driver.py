@@ -132,9 +132,10 @@ def _connect(run: RunConfig, on_cluster: bool) -> None:
 
 
 class EarlyRay(threading.Thread):
-    """A local run's ray.init and Ray Train's import, begun while the command still validates the
-    run (start_ray_early): ray.init mostly waits seconds for Ray's daemons to come up, which
-    validation spends on the other core. If validation fails, the command exits and Ray with it.
+    """A local run's ray.init and Ray Train's import, begun once the config itself is valid, while
+    the command looks at the model and the data (start_ray_early): ray.init mostly waits seconds
+    for Ray's daemons to come up, which that validation spends on the other core. If it fails,
+    the command exits and Ray with it.
 
     Once Ray is up the thread stays, parked: Ray starts its daemons with PR_SET_PDEATHSIG, which
     the kernel sends when the *thread* that started them ends, not the process."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from orchestrator.config.schema import ZERO_STAGES, RunConfig, StrategyConfig
-from orchestrator.config.validate import _deepspeed_json, _static
+from orchestrator.config.validate import _deepspeed_json, static_problems
 from orchestrator.strategies.deepspeed import DeepSpeedConfigConflict, build_ds_config
 
 
@@ -141,24 +141,24 @@ def test_validation_reports_ds_json_conflicts_and_missing_file(tmp_path):
     ],
 )
 def test_static_refusals(name, strategy, fragment):
-    problems = _static(run_with(name, **strategy))
+    problems = static_problems(run_with(name, **strategy))
     assert any(fragment in p for p in problems), problems
 
 
 def test_static_refuses_nf4_storage_mismatch_and_fp16_under_zero():
     r = run_with("zero3")
     r.quant.kind, r.quant.storage_dtype, r.model.dtype = "nf4", "fp32", "bf16"
-    assert any("quant.storage_dtype=fp32 with model.dtype=bf16 under strategy=zero3" in p for p in _static(r))
+    assert any("quant.storage_dtype=fp32 with model.dtype=bf16 under strategy=zero3" in p for p in static_problems(r))
     r = run_with("zero2")
     r.model.dtype, r.cluster.use_gpu = "fp16", True
-    assert any("model.dtype=fp16 under strategy=zero2" in p and "bf16" in p for p in _static(r))
+    assert any("model.dtype=fp16 under strategy=zero2" in p and "bf16" in p for p in static_problems(r))
 
 
 def test_static_accepts_plain_zero_configs():
     for name, kw in (("zero2", {}), ("zero3", {}), ("zero3_offload", {"offload": True}), ("zero2", {"offload": True})):
         r = run_with(name, **kw)
         r.quant.kind = "nf4"
-        assert _static(r) == [], (name, _static(r))
+        assert static_problems(r) == [], (name, static_problems(r))
 
 
 def test_build_strategy_wires_the_names():
@@ -206,7 +206,7 @@ def test_compose_selects_the_zero_strategies(name, tmp_path):
     run = compose(["experiment=demo", f"output_dir={tmp_path}", f"strategy={name}"])
     assert run.strategy.name == name
     assert run.strategy.offload is (name == "zero3_offload")
-    assert _static(run) == []
+    assert static_problems(run) == []
 
 
 def test_zero3_4bit_matmul_reads_the_weight_zero_gathers_not_a_view_kept_from_forward(monkeypatch):

@@ -15,7 +15,7 @@ from orchestrator.config.schema import (
     as_dict,
 )
 from orchestrator.config.typed import ConfigError, to_typed
-from orchestrator.config.validate import validate
+from orchestrator.config.validate import static_problems, validate
 
 __all__ = [
     "CONF_DIR",
@@ -35,6 +35,7 @@ __all__ = [
     "compose",
     "group_options",
     "resolve",
+    "static_problems",
     "to_typed",
     "validate",
 ]

@@ -86,9 +86,10 @@ def _unrepresentable(run: RunConfig) -> dict[str, str]:
     return found
 
 
-def _static(run: RunConfig) -> list[str]:
-    """Checks of the config alone. A field that is non-finite or cannot name a path is reported
-    once, for that reason only."""
+def static_problems(run: RunConfig) -> list[str]:
+    """Checks of the config alone (validate() makes them first): milliseconds, no model, data or
+    machine looked at. A field that is non-finite or cannot name a path is reported once, for that
+    reason only."""
     own = {**_unrepresentable(run), **_bad_paths(run)}
     return list(dict.fromkeys(own.values())) + [
         x
@@ -749,10 +750,10 @@ def validate(run: RunConfig, environment: bool = True, on_cluster: bool = False)
     validate configs meant for another cluster). on_cluster: this is a cluster job's driver,
     whose resources the driver checks against the live cluster instead of this machine.
     """
-    problems = _static(run)
+    problems = static_problems(run)
     if environment:
         here = run.cluster.kind == "local"
-        bad = _bad_paths(run)  # reported by _static; nothing can be looked up there
+        bad = _bad_paths(run)  # reported by static_problems; nothing can be looked up there
         # A job for a cluster may name paths that exist only there: those are checked on the
         # cluster by `orchestrator run` before any worker starts.
         tokenizer = None

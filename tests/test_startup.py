@@ -1,0 +1,102 @@
+"""What `orchestrator train` does before the first step (issue 15, item 4): bitsandbytes imported
+without compiling anything, and the local Ray started while the model and data are validated,
+gone with the command when validation fails."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from orchestrator._lazy_compile import lazily
+
+
+def test_bitsandbytes_is_imported_without_dynamo_or_inductor():
+    code = (
+        "import sys, orchestrator, torch\n"
+        "eager = torch.compile\n"
+        "import peft, bitsandbytes\n"
+        "print(torch.compile is eager, 'torch._inductor.compile_fx' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.split() == ["True", "False"], r.stdout  # restored after the import, nothing compiled
+
+
+def test_lazily_compiles_on_the_first_call_once():
+    compiled = []
+
+    def compile_fn(fn, **options):
+        compiled.append(options)
+        return lambda *a: ("compiled", fn(*a))
+
+    def double(x):
+        return 2 * x
+
+    decorated = lazily(compile_fn)(dynamic=False)(double)  # as @torch.compile(dynamic=False)
+    wrapped = lazily(compile_fn)(double)  # as torch.compile(fn)
+    assert compiled == [] and decorated.__name__ == "double"
+    assert decorated(3) == ("compiled", 6) and decorated(4) == ("compiled", 8)
+    assert wrapped(1) == ("compiled", 2)
+    assert compiled == [{"dynamic": False}, {}]
+
+
+def _processes_of_session(pid: int) -> list[str]:
+    """Ray's processes whose session is the one a driver of this PID started (its name ends in it)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        line = " ".join(p.info["cmdline"] or [])
+        if f"_{pid}/" in line and "session_" in line:
+            found.append(line[:120])
+    return found
+
+
+def train_command(tmp_path: Path, *overrides: str) -> tuple[int, int, str]:
+    """`orchestrator train experiment=demo OVERRIDES`: its PID, exit code and stderr."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "train",
+            "experiment=demo",
+            f"output_dir={tmp_path / 'out'}",
+            *overrides,
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _, err = proc.communicate(timeout=120)
+    return proc.pid, proc.returncode, err
+
+
+def ray_sessions(pid: int) -> list[Path]:
+    """Ray's session directories of a driver with this PID (their names end in it)."""
+    return list(Path("/tmp/ray").glob(f"session_*_{pid}"))
+
+
+@pytest.mark.slow
+def test_ray_started_during_validation_ends_with_a_failed_command(tmp_path, demo_root):
+    """Bad data is found after the model loads, by when the command's Ray is starting: the error
+    is the data's, and none of Ray's processes outlive the command."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": ""}\n')
+    pid, code, err = train_command(tmp_path, f"data.path={bad}")
+    assert code == 2 and f"{bad}:2: empty 'output'" in err, err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+    assert ray_sessions(pid), "the command's Ray never started"
+    deadline = time.monotonic() + 10  # SIGKILL from the kernel, then the raylet's own children
+    while _processes_of_session(pid):
+        assert time.monotonic() < deadline, _processes_of_session(pid)
+        time.sleep(0.2)
+
+
+def test_an_invalid_config_starts_no_ray(tmp_path, demo_root):
+    pid, code, err = train_command(tmp_path, "adapter.r=-1")
+    assert code == 2 and "adapter.r: must be a positive integer" in err, err
+    assert not ray_sessions(pid)
