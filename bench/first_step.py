@@ -6,9 +6,9 @@ Each round runs, in turns:
 - `orchestrator train experiment=demo` as a user types it (2 FSDP workers, QLoRA, W&B offline; the
   demo assets and the data cache already built): seconds until metrics.jsonl has its first row,
   and the CPU seconds each kind of process had used by then (sampled every 50 ms with psutil);
-- an empty Ray Train run: a fresh Python that starts a local Ray as the command does and fits a
-  TorchTrainer of 2 CPU workers whose train function only writes a file: seconds until it does.
-  What no run of Ray Train on this machine can start faster than.
+- an empty Ray Train run: a fresh Python that starts a local Ray and fits the command's own
+  TorchTrainer (driver._trainer_class) with 2 CPU workers whose train function only writes a
+  file: seconds until it does. What no run through Ray Train can start faster than here.
 Writes bench/results/first-step-cpu.json.
 """
 
@@ -38,18 +38,20 @@ EMPTY_RAY_TRAIN = textwrap.dedent("""
     from orchestrator.driver import OWN_RAY_SYSTEM_CONFIG
     ray.init(address="local", include_dashboard=False, _system_config=OWN_RAY_SYSTEM_CONFIG)
     from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from orchestrator.driver import _trainer_class
 
     def started(config):
         open(config["path"], "w").close()
 
-    TorchTrainer(started, train_loop_config={"path": sys.argv[1]},
+    _trainer_class(own_ray=True)(started, train_loop_config={"path": sys.argv[1]},
                  scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1})).fit()
 """)
 
 
 def kind(proc: psutil.Process) -> str:
     line = " ".join(proc.cmdline())
+    if "default_worker.py" in line:
+        return "Ray worker, before its actor"
     for k in KINDS:
         if k in line:
             return k
@@ -71,14 +73,17 @@ def timed(cmd: list[str], done: Path, env: dict) -> dict:
         for p in [root, *root.children(recursive=True)]:
             try:
                 t = p.cpu_times()
-                name = cpu[p.pid][0] if p.pid in cpu and p.pid != root.pid else kind(p)
-                cpu[p.pid] = (name, t.user + t.system)
+                cpu[p.pid] = (kind(p), t.user + t.system)
             except psutil.Error:
                 pass
         if first is None and done.is_file() and (done.stat().st_size or done.suffix != ".jsonl"):
             first = time.perf_counter() - t0
             at_first = dict(cpu)
-            proc.kill()  # what comes after is not the start
+            for p in [*root.children(recursive=True), root]:  # what comes after is not the start
+                try:  # Ray's agents included: killed with the command alone they outlive it
+                    p.kill()
+                except psutil.Error:
+                    pass
             break
         time.sleep(0.05)
     err = proc.communicate()[1]

@@ -552,9 +552,10 @@ def main(argv: list[str] | None = None) -> None:
         elif e.code is not None:  # sys.exit("message"): what Python prints, with status 1
             print(e.code, file=sys.stderr)
             status = 1
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()  # its daemons' own children (Ray's agents) outlive a raylet that is not stopped
+    if "ray" in sys.modules:
+        from orchestrator.driver import stop_ray
+
+        stop_ray()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

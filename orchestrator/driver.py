@@ -168,6 +168,18 @@ class EarlyRay(threading.Thread):
 _early_ray: EarlyRay | None = None
 
 
+def stop_ray() -> None:
+    """Stop the Ray this process started or connected to, once it is up: a command whose validation
+    failed while its Ray was still starting waits for that first. Killed instead, the daemons'
+    own children (Ray's agents) would outlive them by a minute or more."""
+    import ray
+
+    if _early_ray is not None:
+        _early_ray.ready.wait(timeout=60)
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def start_ray_early(run: RunConfig) -> None:
     """For a run on this machine's Ray: start it now, in the background (EarlyRay); train() waits
     for it. Once per process."""

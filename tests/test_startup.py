@@ -44,14 +44,16 @@ def test_lazily_compiles_on_the_first_call_once():
     assert compiled == [{"dynamic": False}, {}]
 
 
-def _processes_of_session(pid: int) -> list[str]:
-    """Ray's processes whose session is the one a driver of this PID started (its name ends in it)."""
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
+def ray_processes_outside(since: float) -> list[str]:
+    """Ray's processes started since `since` that are not this test process's (the session's Ray):
+    what a command left behind."""
+    ours = {p.pid for p in psutil.Process().children(recursive=True)}
+    left = []
+    for p in psutil.process_iter(["cmdline", "create_time"]):
         line = " ".join(p.info["cmdline"] or [])
-        if f"_{pid}/" in line and "session_" in line:
-            found.append(line[:120])
-    return found
+        if p.info["create_time"] >= since and p.pid not in ours and ("ray::" in line or "/ray/" in line):
+            left.append(line[:120])
+    return left
 
 
 def train_command(tmp_path: Path, *overrides: str) -> tuple[int, int, str]:
@@ -82,18 +84,18 @@ def ray_sessions(pid: int) -> list[Path]:
 
 @pytest.mark.slow
 def test_ray_started_during_validation_ends_with_a_failed_command(tmp_path, demo_root):
-    """Bad data is found after the model loads, by when the command's Ray is starting: the error
-    is the data's, and none of Ray's processes outlive the command."""
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": ""}\n')
-    pid, code, err = train_command(tmp_path, f"data.path={bad}")
-    assert code == 2 and f"{bad}:2: empty 'output'" in err, err
+    """A config.json that is not JSON is found a second or two in, while the command's Ray is
+    still starting: the error is the model's, and none of Ray's processes outlive the command
+    (killed mid-start, Ray's agents outlived the raylet by a minute or more)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{not json")
+    since = time.time() - 1
+    pid, code, err = train_command(tmp_path, f"model.path={model}")
+    assert code == 2 and f"cannot read {model / 'config.json'}" in err, err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
     assert ray_sessions(pid), "the command's Ray never started"
-    deadline = time.monotonic() + 10  # SIGKILL from the kernel, then the raylet's own children
-    while _processes_of_session(pid):
-        assert time.monotonic() < deadline, _processes_of_session(pid)
-        time.sleep(0.2)
+    assert not ray_processes_outside(since)
 
 
 def test_an_invalid_config_starts_no_ray(tmp_path, demo_root):
