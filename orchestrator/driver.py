@@ -105,15 +105,14 @@ class Preempted(RuntimeError):
 def _ray_init(run: RunConfig, on_cluster: bool, signals: StopSignals) -> None:
     import ray
 
-    early = _early_ray
-    if early is None and ray.is_initialized():
+    if _early_ray is not None:
+        _early_ray.wait()
+        signals.install()  # Ray's C++ core worker may have set its SIGTERM handler over ours meanwhile
+    if ray.is_initialized():
         return
     # The Ray started here lives in a session of its own: a signal to our process group is ours.
     with signals.starting_ray(own_session=not on_cluster):
-        if early is not None:
-            early.wait()
-        if not ray.is_initialized():
-            _connect(run, on_cluster)
+        _connect(run, on_cluster)
 
 
 def _connect(run: RunConfig, on_cluster: bool) -> None:
