@@ -44,37 +44,21 @@ def test_lazily_compiles_on_the_first_call_once():
     assert compiled == [{"dynamic": False}, {}]
 
 
-def ray_processes_outside(since: float) -> list[str]:
-    """Ray's processes started since `since` that are not this test process's (the session's Ray):
-    what a command left behind."""
-    ours = {p.pid for p in psutil.Process().children(recursive=True)}
-    left = []
-    for p in psutil.process_iter(["cmdline", "create_time"]):
-        line = " ".join(p.info["cmdline"] or [])
-        if p.info["create_time"] >= since and p.pid not in ours and ("ray::" in line or "/ray/" in line):
-            left.append(line[:120])
-    return left
-
-
-def train_command(tmp_path: Path, *overrides: str) -> tuple[int, int, str]:
-    """`orchestrator train experiment=demo OVERRIDES`: its PID, exit code and stderr."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "orchestrator",
-            "train",
-            "experiment=demo",
-            f"output_dir={tmp_path / 'out'}",
-            *overrides,
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def train_command(tmp_path: Path, *overrides: str) -> tuple[int, int, str, list[psutil.Process]]:
+    """`orchestrator train experiment=demo OVERRIDES`: its PID, exit code, stderr, and every process
+    it started (seen every 20 ms while it ran)."""
+    command = [sys.executable, "-m", "orchestrator", "train", "experiment=demo", f"output_dir={tmp_path / 'out'}"]
+    proc = subprocess.Popen([*command, *overrides], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    started: dict[int, psutil.Process] = {}
+    root = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            started.update((p.pid, p) for p in root.children(recursive=True))
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
     _, err = proc.communicate(timeout=120)
-    return proc.pid, proc.returncode, err
+    return proc.pid, proc.returncode, err, list(started.values())
 
 
 def ray_sessions(pid: int) -> list[Path]:
@@ -82,23 +66,34 @@ def ray_sessions(pid: int) -> list[Path]:
     return list(Path("/tmp/ray").glob(f"session_*_{pid}"))
 
 
+def still_running(processes: list[psutil.Process]) -> list[str]:
+    """Those of `processes` still alive (psutil tells a reused PID apart by its start time)."""
+    left = []
+    for p in processes:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(" ".join(p.cmdline())[:120])
+        except psutil.Error:
+            pass
+    return left
+
+
 @pytest.mark.slow
 def test_ray_started_during_validation_ends_with_a_failed_command(tmp_path, demo_root):
     """A config.json that is not JSON is found a second or two in, while the command's Ray is
-    still starting: the error is the model's, and none of Ray's processes outlive the command
-    (killed mid-start, Ray's agents outlived the raylet by a minute or more)."""
+    still starting: the error is the model's, and none of the processes the command started
+    outlive it (killed mid-start, Ray's agents outlived the raylet by a minute or more)."""
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{not json")
-    since = time.time() - 1
-    pid, code, err = train_command(tmp_path, f"model.path={model}")
+    pid, code, err, started = train_command(tmp_path, f"model.path={model}")
     assert code == 2 and f"cannot read {model / 'config.json'}" in err, err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
-    assert ray_sessions(pid), "the command's Ray never started"
-    assert not ray_processes_outside(since)
+    assert ray_sessions(pid) and started, "the command's Ray never started"
+    assert not still_running(started)
 
 
 def test_an_invalid_config_starts_no_ray(tmp_path, demo_root):
-    pid, code, err = train_command(tmp_path, "adapter.r=-1")
+    pid, code, err, started = train_command(tmp_path, "adapter.r=-1")
     assert code == 2 and "adapter.r: must be a positive integer" in err, err
-    assert not ray_sessions(pid)
+    assert not ray_sessions(pid) and not started
