@@ -16,7 +16,14 @@ from omegaconf import OmegaConf
 
 from orchestrator import ray_logs
 from orchestrator.config.schema import RunConfig, as_dict, flatten
-from orchestrator.interrupt import HANDLED, Interrupted, StopSignals, interrupted_message, ray_processes_apart
+from orchestrator.interrupt import (
+    HANDLED,
+    Daemons,
+    Interrupted,
+    StopSignals,
+    interrupted_message,
+    ray_processes_apart,
+)
 from orchestrator.rundir import RunDir
 
 log = logging.getLogger("orchestrator")
@@ -144,12 +151,13 @@ class EarlyRay(threading.Thread):
         self.config = run
         self.ready = threading.Event()
         self.error: BaseException | None = None
+        self.daemons = Daemons()
 
     def run(self) -> None:
         # Ray's threads inherit this thread's mask: signals stay the main thread's (interrupt.py).
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         try:
-            with ray_processes_apart(own_session=True):
+            with ray_processes_apart(own_session=True, daemons=self.daemons):
                 _connect(self.config, on_cluster=False)
             importlib.import_module("ray.train.torch")
         except BaseException as e:  # noqa: BLE001 - raised where the run waits for Ray
@@ -168,13 +176,13 @@ _early_ray: EarlyRay | None = None
 
 
 def stop_ray() -> None:
-    """Stop the Ray this process started or connected to, once it is up: a command whose validation
-    failed while its Ray was still starting waits for that first. Killed instead, the daemons'
-    own children (Ray's agents) would outlive them by a minute or more."""
+    """Stop the Ray this process started or connected to; one still starting (the command's
+    validation failed meanwhile) is killed with everything it started (interrupt.Daemons)."""
     import ray
 
-    if _early_ray is not None:
-        _early_ray.ready.wait(timeout=60)
+    if _early_ray is not None and (not _early_ray.ready.is_set() or _early_ray.error is not None):
+        _early_ray.daemons.kill()
+        return
     if ray.is_initialized():
         ray.shutdown()
 

@@ -212,14 +212,49 @@ class StopSignals:
             raise failure[0]
 
 
+class Daemons:
+    """The processes a ray.init started (under ray_processes_apart), for kill() to end them, and
+    all they started, before that ray.init returns."""
+
+    def __init__(self) -> None:
+        self.sessions: set[int] = set()
+        self.closed = False
+        self.lock = threading.Lock()
+
+    def kill(self) -> None:
+        """No process starts after this; every one in the sessions of those started is killed,
+        the raylet's children (Ray's agents, its workers) included, which a raylet killed alone
+        leaves running for a minute or more. Scanned until none is left: a child forked while
+        its parent was being killed is still in the session."""
+        import psutil
+
+        with self.lock:
+            self.closed = True
+        for _ in range(50):
+            found = [p for p in psutil.process_iter() if _session(p.pid) in self.sessions]
+            if not found:
+                return
+            for p in found:
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+            psutil.wait_procs(found, timeout=0.2)
+
+
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
 @contextlib.contextmanager
-def ray_processes_apart(own_session: bool) -> Iterator[None]:
+def ray_processes_apart(own_session: bool, daemons: Daemons | None = None) -> Iterator[None]:
     """Around ray.init: Ray's own SIGTERM handler is not set, and the processes Ray starts begin
     with our signals unblocked. With own_session, the processes of the Ray started here (GCS,
     raylet and, through the raylet, the workers) live in a session of their own, out of reach of
     signals to the command's process group; they still die with the driver (Ray's kernel
-    fate-sharing, PR_SET_PDEATHSIG). Through Ray internals: a Ray without them keeps its own
-    behaviour."""
+    fate-sharing, PR_SET_PDEATHSIG). `daemons` records their sessions (own_session). Through Ray
+    internals: a Ray without them keeps its own behaviour."""
     patches = []
     try:
         from ray._private import services, utils
@@ -236,7 +271,14 @@ def ray_processes_apart(own_session: bool) -> Iterator[None]:
                         inner()
 
                 kwargs["preexec_fn"] = preexec
-                super().__init__(*args, **kwargs)
+                if daemons is None:
+                    super().__init__(*args, **kwargs)
+                    return
+                with daemons.lock:
+                    if daemons.closed:
+                        raise RuntimeError("the command is ending: Ray is not started")
+                    super().__init__(*args, **kwargs)
+                    daemons.sessions.add(self.pid)  # a session leader: its session is its PID
 
         patches = [(utils, "set_sigterm_handler", lambda handler: None), (services, "ConsolePopen", Popen)]
     except (ImportError, AttributeError):
