@@ -102,9 +102,6 @@ def prepare_output_dir(run: RunConfig) -> bool:
     return True
 
 
-OWN_RAY_SYSTEM_CONFIG = {"worker_niceness": 0, "enable_worker_prestart": False, "prestart_worker_first_driver": False}
-
-
 class Preempted(RuntimeError):
     """The run committed a checkpoint after a preemption warning and stopped; resubmit to resume."""
 
@@ -120,6 +117,9 @@ def _ray_init(run: RunConfig, on_cluster: bool, signals: StopSignals) -> None:
     # The Ray started here lives in a session of its own: a signal to our process group is ours.
     with signals.starting_ray(own_session=not on_cluster):
         _connect(run, on_cluster)
+
+
+OWN_RAY_SYSTEM_CONFIG = {"worker_niceness": 0, "enable_worker_prestart": False, "prestart_worker_first_driver": False}
 
 
 def _connect(run: RunConfig, on_cluster: bool) -> None:
@@ -141,7 +141,7 @@ class EarlyRay(threading.Thread):
     """A local run's ray.init and Ray Train's import, begun once the config itself is valid, while
     the command looks at the model and the data (start_ray_early): ray.init mostly waits seconds
     for Ray's daemons to come up, which that validation spends on the other core. If it fails,
-    the command exits and Ray with it.
+    stop_ray kills this Ray with everything it started.
 
     Once Ray is up the thread stays, parked: Ray starts its daemons with PR_SET_PDEATHSIG, which
     the kernel sends when the *thread* that started them ends, not the process."""
