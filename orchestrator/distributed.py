@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,12 +89,9 @@ def keep_freed_blocks_unmapped() -> None:
     gathers and frees every layer each step grows far past what it holds, by a different amount
     each run (bench/results/plan-calibration-cpu-glibc.json). A threshold the user set
     (MALLOC_MMAP_THRESHOLD_) is left alone, and so is a libc that is not glibc."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-    except (OSError, AttributeError):
-        pass
+    mallopt = _glibc("mallopt")
+    if mallopt is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def release_freed_heap() -> None:
@@ -101,10 +100,19 @@ def release_freed_heap() -> None:
     activations and their gradients) come from the heap, and the holes they leave between blocks
     still in use stay resident, so the next step's peak began a step's worth of them higher (the
     1.6 GB base under zero3: 250 MiB). A few milliseconds a step; nothing on other libcs."""
+    malloc_trim = _glibc("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
+
+
+@functools.cache
+def _glibc(name: str) -> Callable[..., int] | None:
+    """glibc's function `name`, looked up once per process (release_freed_heap runs every step);
+    None on a libc without it."""
     try:
-        ctypes.CDLL(None).malloc_trim(0)
+        return getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
-        pass
+        return None
 
 
 def reset_peak_memory(device: torch.device) -> None:

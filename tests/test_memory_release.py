@@ -1,8 +1,8 @@
-"""A CPU worker whose strategy gathers layers every step has glibc unmap freed blocks of 1 MiB and
-more (orchestrator.distributed.keep_freed_blocks_unmapped): without it, once a larger block has
-been freed, smaller ones come from the heap and stay resident after they are freed. Blocks under
-that threshold still come from the heap: after each step the worker hands its free pages back
-(release_freed_heap)."""
+"""A CPU worker of a distributed run (2 workers or more, any strategy) has glibc unmap freed
+blocks of 1 MiB and more (orchestrator.distributed.keep_freed_blocks_unmapped): without it, once a
+larger block has been freed, smaller ones come from the heap and stay resident after they are
+freed. Blocks under that threshold still come from the heap: after each step the worker hands its
+free pages back (release_freed_heap)."""
 
 from __future__ import annotations
 
