@@ -30,15 +30,22 @@ from pathlib import Path
 import psutil
 
 HERE = Path(__file__).resolve().parent
-KINDS = ("RayTrainWorker", "TrainController", "SynchronizationActor", "DashboardAgent", "RuntimeEnvAgent", "raylet")
+KINDS = (
+    "RayTrainWorker",
+    "TrainController",
+    "SynchronizationActor",
+    "DashboardAgent",
+    "RuntimeEnvAgent",
+    "raylet",
+    "gcs_server",
+)
 
 EMPTY_RAY_TRAIN = textwrap.dedent("""
     import sys
     import ray
-    from orchestrator.driver import OWN_RAY_SYSTEM_CONFIG
-    ray.init(address="local", include_dashboard=False, _system_config=OWN_RAY_SYSTEM_CONFIG)
     from ray.train import ScalingConfig
-    from orchestrator.driver import _trainer_class
+    from orchestrator.driver import OWN_RAY_SYSTEM_CONFIG, _trainer_class
+    ray.init(address="local", include_dashboard=False, _system_config=OWN_RAY_SYSTEM_CONFIG)
 
     def started(config):
         open(config["path"], "w").close()
@@ -55,8 +62,6 @@ def kind(proc: psutil.Process) -> str:
     for k in KINDS:
         if k in line:
             return k
-    if "gcs_server" in line:
-        return "gcs_server"
     if "orchestrator" in line and "train" in line:
         return "orchestrator train (CLI)"
     return "other Ray daemons"
