@@ -69,9 +69,9 @@ CALIBRATION: dict[str, float] = {
     # glibc keeps freed activation memory mapped (its mmap threshold grows with each freed block),
     # so a CPU worker's resident peak exceeds the live activations by this fraction of them.
     "cpu_allocator_slack": 1.0,
-    # The same where the worker has glibc unmap freed blocks of 1 MiB and more (fsdp and zero3 on
-    # 2+ CPU workers): only smaller blocks stay. Mid-size model: fsdp 0.40, zero3 0.7-1.25.
-    "cpu_allocator_slack_unmapped": 0.5,
+    # The same where the worker has glibc unmap freed blocks of 128 KiB and more (every strategy on
+    # 2+ CPU workers) and trims its heap after each step: mid-size model -0.05 to 0.2.
+    "cpu_allocator_slack_unmapped": 0.1,
     # The CUDA context (kernels, cuBLAS/cuDNN workspaces): outside torch's allocated bytes.
     "cuda_context_bytes": 600 * MiB,
     # Caching-allocator fragmentation, as a fraction of the activation peak.

@@ -1,5 +1,5 @@
 """A CPU worker of a distributed run (2 workers or more, any strategy) has glibc unmap freed
-blocks of 1 MiB and more (orchestrator.distributed.keep_freed_blocks_unmapped): without it, once a
+blocks of 128 KiB and more (orchestrator.distributed.keep_freed_blocks_unmapped): without it, once a
 larger block has been freed, smaller ones come from the heap and stay resident after they are
 freed. Blocks under that threshold still come from the heap: after each step the worker hands its
 free pages back (release_freed_heap)."""
@@ -54,12 +54,12 @@ TRIM = textwrap.dedent("""
     from orchestrator.distributed import current_memory_bytes, keep_freed_blocks_unmapped, release_freed_heap
 
     keep_freed_blocks_unmapped()
-    # 200 MiB of 512 KiB blocks (a short sequence's activations: under the 1 MiB threshold, so
-    # from the heap), each followed by a small tensor that stays, as a step leaves them.
+    # 200 MiB of 64 KiB blocks (a short sequence's small activations: under the 128 KiB threshold,
+    # so from the heap), each followed by a small tensor that stays, as a step leaves them.
     blocks, pins = [], []
-    for _ in range(400):
-        blocks.append(torch.ones((512 << 10) // 4))
-        pins.append(torch.ones((16 << 10) // 4))
+    for _ in range(3200):
+        blocks.append(torch.ones((64 << 10) // 4))
+        pins.append(torch.ones((2 << 10) // 4))
     held = current_memory_bytes(torch.device("cpu"))
     del blocks
     if sys.argv[1] == "trim":
