@@ -156,23 +156,26 @@ class TrainCommand:
         from orchestrator.config import ConfigError, resolve, static_problems, validate
 
         try:
-            run = resolve(cfg)
-            demo.localise(run)
-            _refuse_if_in_use(run)
-            if not (self.problems or static_problems(run)):
-                driver.start_ray_early(run)  # while validation looks at the model and the data
-            validate(run)
-        except ConfigError as e:
-            raise ConfigError(self.problems + e.problems) from None
-        if self.problems:
-            raise ConfigError(self.problems)
-        check_memory(run)
-        if _multirun():
-            self._name_sweep_run(run)
-        if run.cluster.kind == "local":
-            print(f"adapter written to {driver.train(run, resume_command=self._resume_command(run))}")
-        elif not self._submit(run):
-            return None
+            try:
+                run = resolve(cfg)
+                demo.localise(run)
+                _refuse_if_in_use(run)
+                if not (self.problems or static_problems(run)):
+                    driver.start_ray_early(run)  # and the workers: while validation looks at the model and the data
+                validate(run)
+            except ConfigError as e:
+                raise ConfigError(self.problems + e.problems) from None
+            if self.problems:
+                raise ConfigError(self.problems)
+            check_memory(run)
+            if _multirun():
+                self._name_sweep_run(run)
+            if run.cluster.kind == "local":
+                print(f"adapter written to {driver.train(run, resume_command=self._resume_command(run))}")
+            elif not self._submit(run):
+                return None
+        finally:
+            driver.cancel_early_fit()  # workers that still wait are not needed: nothing passed to them
         return _final_eval_loss(RunDir(Path(run.output_dir)))
 
     def _resume_command(self, run: Any) -> str | None:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from orchestrator import start_gate
 from orchestrator.config.schema import RunConfig
 from orchestrator.config.typed import to_typed
 from orchestrator.data import GlobalBatchSampler, collate, target_tokens
@@ -33,6 +34,7 @@ from orchestrator.distributed import (
     unmaps_freed_blocks,
 )
 from orchestrator.flops import FlopCounter, peak_flops
+from orchestrator.imports import SETUP_LIBRARIES, preload
 from orchestrator.loss import LossFn, build_loss
 from orchestrator.model import fingerprint, load_model, load_tokenizer
 from orchestrator.optim import build_optimizer, build_scheduler, state_bytes
@@ -85,8 +87,12 @@ class Job:
 
 
 def train_loop(config: dict) -> None:
-    """Ray Train's per-worker function."""
-    run = to_typed(config["run"], RunConfig)
+    """Ray Train's per-worker function. config: {"run": the run's config}, or {"gate": a
+    StartGate's path} for workers started while the command validated the run (driver.EarlyFit)."""
+    run_dict = config["run"] if "run" in config else start_gate.wait(config["gate"])
+    if run_dict is None:
+        return  # the command found the run's input invalid; nothing was loaded
+    run = to_typed(run_dict, RunConfig)
     d = Dist.current(run.cluster.use_gpu)
     tracker = Tracker(run) if d.is_main else NullTracker()  # W&B starts while the worker loads
     failed = True
@@ -107,6 +113,7 @@ def setup(run: RunConfig, d: Dist, tracker: Tracker | NullTracker) -> Job:
         keep_freed_blocks_unmapped()
     reset_peak_memory(d.device)
     start_memory = current_memory_bytes(d.device)
+    preload(*SETUP_LIBRARIES)
     _quiet_non_zero_ranks(d.rank)
     torch.manual_seed(run.trainer.seed + d.rank)  # dropout masks differ per worker, like their data
 
