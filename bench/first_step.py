@@ -44,8 +44,8 @@ EMPTY_RAY_TRAIN = textwrap.dedent("""
     import sys
     import ray
     from ray.train import ScalingConfig
-    from orchestrator.driver import OWN_RAY_SYSTEM_CONFIG, _trainer_class
-    ray.init(address="local", include_dashboard=False, _system_config=OWN_RAY_SYSTEM_CONFIG)
+    from orchestrator.driver import OWN_RAY, _trainer_class
+    ray.init(address="local", **OWN_RAY)
 
     def started(config):
         open(config["path"], "w").close()

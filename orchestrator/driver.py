@@ -121,7 +121,16 @@ def _ray_init(run: RunConfig, on_cluster: bool, signals: StopSignals) -> None:
         _connect(run, on_cluster)
 
 
-OWN_RAY_SYSTEM_CONFIG = {"worker_niceness": 0, "enable_worker_prestart": False, "prestart_worker_first_driver": False}
+OWN_RAY = {
+    "include_dashboard": False,
+    "_system_config": {"worker_niceness": 0, "enable_worker_prestart": False, "prestart_worker_first_driver": False},
+    "runtime_env": {"worker_process_setup_hook": "orchestrator.imports.pause_collector"},
+}
+"""ray.init's settings for a Ray the command starts. Ray starts its workers at nice 15 by default:
+the training worker would yield its cores to anything else on the machine, the driver and the Ray
+daemons included. It also starts one idle worker per CPU for tasks this driver never submits (Ray
+Train's actors start processes of their own): each imports Ray, 0.5 CPU-s, while the run starts.
+Its worker processes start with the garbage collector paused (imports.pause_collector)."""
 
 
 def _connect(run: RunConfig, on_cluster: bool) -> None:
@@ -131,12 +140,8 @@ def _connect(run: RunConfig, on_cluster: bool) -> None:
         ray_logs.init_quietly(lambda: ray.init(address="auto"))  # RAY_ADDRESS, set by the Ray Job or the Slurm script
         return
     # "local" keeps a single-machine run off any `ray start` cluster that happens to run here.
-    # Ray starts its workers at nice 15 by default: the training worker would yield its cores to
-    # anything else on the machine, the driver and the Ray daemons included. It also starts one
-    # idle worker per CPU for tasks this driver never submits (Ray Train's actors start processes
-    # of their own): each imports Ray, 0.5 CPU-s, while the run starts.
-    own = {} if run.cluster.address else {"_system_config": OWN_RAY_SYSTEM_CONFIG}
-    ray_logs.init_quietly(lambda: ray.init(address=run.cluster.address or "local", include_dashboard=False, **own))
+    own = {"include_dashboard": False} if run.cluster.address else OWN_RAY
+    ray_logs.init_quietly(lambda: ray.init(address=run.cluster.address or "local", **own))
 
 
 class EarlyRay(threading.Thread):

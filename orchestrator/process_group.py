@@ -85,10 +85,7 @@ def _join(addr: str, port: int, backend: str, world_rank: int, world_size: int, 
     """On a worker: what _TorchBackend.on_start has each worker do."""
     import os
 
-    from orchestrator.imports import collector_paused
-
-    with collector_paused():  # the worker's first import of torch
-        from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group
+    from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
     _set_torch_distributed_env_vars()

@@ -7,6 +7,7 @@ workers computes the same update as one process with the same global batch.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -34,7 +35,7 @@ from orchestrator.distributed import (
     unmaps_freed_blocks,
 )
 from orchestrator.flops import FlopCounter, peak_flops
-from orchestrator.imports import SETUP_LIBRARIES, preload
+from orchestrator.imports import SETUP_LIBRARIES, preload, resume_collector
 from orchestrator.loss import LossFn, build_loss
 from orchestrator.model import fingerprint, load_model, load_tokenizer
 from orchestrator.optim import build_optimizer, build_scheduler, state_bytes
@@ -89,6 +90,8 @@ class Job:
 def train_loop(config: dict) -> None:
     """Ray Train's per-worker function. config: {"run": the run's config}, or {"gate": a
     StartGate's path} for workers started while the command validated the run (driver.EarlyFit)."""
+    if not gc.isenabled():  # paused while the worker process started (imports.pause_collector)
+        resume_collector()
     run_dict = config["run"] if "run" in config else start_gate.wait(config["gate"])
     if run_dict is None:
         return  # the command found the run's input invalid; nothing was loaded

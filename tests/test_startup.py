@@ -73,18 +73,27 @@ def test_start_gate_hands_the_first_word_to_every_worker():
     assert not gate.dir.exists()
 
 
-def test_collector_paused_around_imports_only():
-    preload("json")
-    assert gc.isenabled()
+def test_preload_pauses_the_collector_and_freezes_a_start():
+    """The collector is off while modules import and back on after, frozen objects included, where
+    the imports were new (a process's start); never turned on where the caller had it off."""
+    code = (
+        "import gc\n"
+        "from orchestrator.imports import preload\n"
+        "frozen = gc.get_freeze_count()\n"
+        "preload('fractions')\n"
+        "print(gc.isenabled(), gc.get_freeze_count() > frozen)\n"
+        "frozen = gc.get_freeze_count()\n"
+        "preload('fractions')\n"
+        "print(gc.isenabled(), gc.get_freeze_count() > frozen)\n"
+        "gc.disable()\n"
+        "preload('decimal')\n"
+        "print(gc.isenabled())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.split() == ["True", "True", "True", "False", "False"], r.stdout
     with pytest.raises(ModuleNotFoundError):
         preload("no_such_module_here")
     assert gc.isenabled()
-    gc.disable()
-    try:
-        preload("json")
-        assert not gc.isenabled()  # not turned on where the caller had it off
-    finally:
-        gc.enable()
 
 
 def train_command(
