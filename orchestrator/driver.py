@@ -145,8 +145,8 @@ def _connect(run: RunConfig, on_cluster: bool) -> None:
 
 
 class EarlyRay(threading.Thread):
-    """A local run's ray.init and Ray Train's import, begun once the config itself is valid, while
-    the command looks at the model and the data (start_ray_early): ray.init mostly waits seconds
+    """A local run's ray.init, begun once the config itself is valid, while the command looks at
+    the model and the data (start_ray_early): ray.init mostly waits seconds
     for Ray's daemons to come up, which that validation spends on the other core. On a Ray of its
     own the run's workers start next (EarlyFit). If validation fails, stop_ray kills this Ray with
     everything it started.
@@ -169,7 +169,6 @@ class EarlyRay(threading.Thread):
         try:
             with ray_processes_apart(own_session=True, daemons=self.daemons):
                 _connect(self.config, on_cluster=False)
-            importlib.import_module("ray.train.torch")
             if _own_ray():
                 self.fit = EarlyFit(self.config)
         except BaseException as e:  # noqa: BLE001 - raised where the run waits for Ray
@@ -190,12 +189,11 @@ class EarlyFit:
     """Ray Train's fit for a local run, begun before the command has validated the run's input:
     the workers start and import while validation reads the model and the data, then wait at a
     StartGate, before they touch the run directory or load anything, for the config that passed
-    (take) or for none (cancel). On 2 cores the first step came 3-5 s sooner (README, "Time to
-    first step"). Ray Train's own storage is the gate's directory: nothing is written into
-    output_dir before the command holds it."""
+    (take) or for none (cancel) (README, "Time to first step"). Ray Train's own storage is the
+    gate's directory: nothing is written into output_dir before the command holds it."""
 
     def __init__(self, run: RunConfig) -> None:
-        self.workers = _per_worker(run), run.cluster.num_workers, run.cluster.max_failures
+        self.workers = _workers(run)
         self.gate = StartGate()
         name = run.name or Path(run.output_dir).resolve().name
         self.trainer = _trainer(run, name, self.gate.dir / "ray", {"gate": str(self.gate.path)})
@@ -216,7 +214,7 @@ class EarlyFit:
         """The fit of `run`: it opens the gate to `run` and waits for the end. None, once these
         workers are gone, when they are not the ones `run` asks for, or are gone already."""
         self.taken = True
-        if self.done.is_set() or (_per_worker(run), run.cluster.num_workers, run.cluster.max_failures) != self.workers:
+        if self.done.is_set() or _workers(run) != self.workers:
             self.cancel()
             self.done.wait()  # their resources are free for the fit that replaces them
             return None
@@ -288,6 +286,11 @@ def _per_worker(run: RunConfig) -> dict[str, float]:
     """What one worker takes from a node, GPU included."""
     c = run.cluster
     return {"CPU": c.cpus_per_worker, **({"GPU": 1.0} if c.use_gpu else {}), **c.resources_per_worker}
+
+
+def _workers(run: RunConfig) -> tuple:
+    """What a worker group started for `run` is made of."""
+    return _per_worker(run), run.cluster.num_workers, run.cluster.max_failures
 
 
 def placeable_workers(nodes: list[dict], need: dict[str, float]) -> int:
@@ -398,11 +401,11 @@ def _train_locked(run: RunConfig, rundir: RunDir, on_cluster: bool, resume_comma
     with StopSignals(rundir, resume_command) as signals:
         # Ray Train's modules take seconds to import; ray.init spends as long waiting for its
         # daemons, so the two overlap.
-        preload = threading.Thread(target=importlib.import_module, args=("ray.train.torch",), daemon=True)
-        preload.start()
+        importing = threading.Thread(target=importlib.import_module, args=("ray.train.torch",), daemon=True)
+        importing.start()
         _ray_init(run, on_cluster, signals)
         check_cluster(run)
-        preload.join()
+        importing.join()
         fit = _take_early_fit(run) or _trainer(run, run.name or rundir.root.name, rundir.ray, {"run": as_dict(run)}).fit
         try:
             signals.run(fit)
