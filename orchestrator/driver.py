@@ -300,9 +300,9 @@ def placeable_workers(nodes: list[dict], need: dict[str, float]) -> int:
 
 
 def check_cluster(run: RunConfig) -> None:
-    """Before any worker starts: the cluster can hold the workers, and every node sees the run
-    directory (multi-node runs need shared storage). A request Ray can never satisfy would
-    otherwise wait forever."""
+    """Before the run reaches any worker: the cluster can hold the workers, and every node sees
+    the run directory (multi-node runs need shared storage). A request Ray can never satisfy
+    would otherwise wait forever."""
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
