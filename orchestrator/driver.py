@@ -199,7 +199,7 @@ class EarlyFit:
         self.trainer = _trainer(run, name, self.gate.dir / "ray", {"gate": str(self.gate.path)})
         self.done = threading.Event()
         self.error: BaseException | None = None
-        self.taken = False
+        self.taken = self.cancelled = False
 
     def run(self) -> None:
         try:
@@ -212,10 +212,11 @@ class EarlyFit:
 
     def take(self, run: RunConfig) -> Callable[[], None] | None:
         """The fit of `run`: it opens the gate to `run` and waits for the end. None, once these
-        workers are gone, when they are not the ones `run` asks for, or are gone already."""
+        workers are gone, when they are not the ones `run` asks for, were told there is no run
+        (the first of a sweep failed validation), or are gone already."""
         self.taken = True
-        if self.done.is_set() or _workers(run) != self.workers:
-            self.cancel()
+        if self.cancelled or self.done.is_set() or _workers(run) != self.workers:
+            self.gate.cancel()
             self.done.wait()  # their resources are free for the fit that replaces them
             return None
 
@@ -228,7 +229,8 @@ class EarlyFit:
         return fit
 
     def cancel(self) -> None:
-        """A no-op once the gate is open."""
+        """The command hands these workers no run (on the gate, a no-op once it is open)."""
+        self.cancelled = True
         self.gate.cancel()
 
 
@@ -425,7 +427,7 @@ def _train_locked(run: RunConfig, rundir: RunDir, on_cluster: bool, resume_comma
             f"preempted: the run in {rundir.root} committed its latest checkpoint and stopped; "
             "the same command (or the requeued job) resumes it"
         )
-    return rundir.adapter
+    raise RunFailed(f"training ended without its final adapter in {rundir.adapter} and without a stop request")
 
 
 OWN_RAY_TRAIN_ENV = {

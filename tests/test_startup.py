@@ -250,3 +250,17 @@ def test_workers_waiting_for_validation_end_with_a_failed_command(tmp_path, demo
     assert waiting == "2" and "ray::RayTrainWorker" in names, names
     assert "Traceback" not in err and not (tmp_path / "out").exists() and not Path(gate).exists()
     assert not still_running(started)
+
+
+@pytest.mark.slow
+def test_a_sweeps_first_run_failing_validation_leaves_the_next_its_own_workers(tmp_path, demo_root):
+    """The first run of a local sweep starts the workers and then fails validation (its
+    max_seq_len exceeds the model's context): they are told there is no run, and the next run
+    trains on workers of its own, to a committed adapter, not on the ones already told to stop."""
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "-m", "orchestrator", "train", "-m", "experiment=demo", "tracking=none"]
+    overrides = ["data.max_seq_len=100000,128", "trainer.max_steps=2", f"hydra.sweep.dir={sweep}"]
+    r = subprocess.run([*command, *overrides], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "exceeds the model's context" in r.stdout + r.stderr, r.stderr[-2000:]
+    trained = [p for p in sweep.iterdir() if "max_seq_len=128" in p.name]
+    assert len(trained) == 1 and (trained[0] / "adapter" / "COMMITTED").is_file(), r.stderr[-2000:]
