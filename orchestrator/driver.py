@@ -194,7 +194,7 @@ class EarlyFit:
 
     def __init__(self, run: RunConfig) -> None:
         self.workers = _workers(run)
-        self.gate = StartGate()
+        self.gate = StartGate(_session_dir())
         name = run.name or Path(run.output_dir).resolve().name
         self.trainer = _trainer(run, name, self.gate.dir / "ray", {"gate": str(self.gate.path)})
         self.done = threading.Event()
@@ -440,6 +440,16 @@ watcher (an actor, a process of its own) would watch nothing; the metrics callba
 Prometheus through the dashboard, which it does not run. The controller looks at its workers
 every 2 s by default, so a run ended up to 2 s after its workers did; on one node a look costs
 a few milliseconds."""
+
+
+def _session_dir() -> Path | None:
+    """The session directory of the Ray this process is connected to (its logs, its sockets),
+    which Ray keeps after it stops: what is put there is not left anywhere else when the command
+    is killed outright."""
+    from ray._private import worker
+
+    path = getattr(getattr(worker, "_global_node", None), "get_session_dir_path", lambda: None)()
+    return Path(path) if path else None
 
 
 def _own_ray() -> bool:

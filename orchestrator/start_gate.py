@@ -25,8 +25,8 @@ POLL_S = 0.02
 class StartGate:
     """A directory of this machine's: `run` holds the command's word, `waiting-<pid>` the workers'."""
 
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="orchestrator-start-"))
+    def __init__(self, parent: Path | None = None) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="orchestrator-start-", dir=parent))
         self.path = self.dir / "run"
 
     def open(self, run: dict[str, Any]) -> None:
