@@ -442,24 +442,26 @@ every 2 s by default, so a run ended up to 2 s after its workers did; on one nod
 a few milliseconds."""
 
 
+def _ray_node():  # noqa: ANN202 - Ray's Node of this process, a Ray internal
+    """The Ray node this process started or joined (ray._private.worker._global_node), or None."""
+    try:
+        from ray._private import worker
+    except ImportError:
+        return None
+    return getattr(worker, "_global_node", None)
+
+
 def _session_dir() -> Path | None:
     """The session directory of the Ray this process is connected to (its logs, its sockets),
     which Ray keeps after it stops: what is put there is not left anywhere else when the command
     is killed outright."""
-    from ray._private import worker
-
-    path = getattr(getattr(worker, "_global_node", None), "get_session_dir_path", lambda: None)()
+    path = getattr(_ray_node(), "get_session_dir_path", lambda: None)()
     return Path(path) if path else None
 
 
 def _own_ray() -> bool:
     """Whether this process started the Ray it is connected to: a local instance that dies with it."""
-    try:
-        from ray._private import worker
-    except ImportError:
-        return False
-    node = getattr(worker, "_global_node", None)
-    return bool(getattr(node, "head", False))
+    return bool(getattr(_ray_node(), "head", False))
 
 
 @contextlib.contextmanager
